@@ -1,0 +1,7 @@
+"""fl_app: federated image classification with Flower and Keras."""
+
+import os
+
+# Set before TensorFlow starts in any of our processes (driver, Ray workers, SuperNodes):
+# GPU users then share one GPU between workers instead of the first worker taking it all.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")

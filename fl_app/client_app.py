@@ -1,0 +1,92 @@
+"""ClientApp: a Flower NumPyClient that trains the Keras model on one party's data.
+
+Each Flower worker process builds its Keras model once (`_worker_model`) and serves every
+virtual client it runs with it; each client loads only its own partition.
+"""
+
+from functools import lru_cache
+
+import keras
+import numpy as np
+from flwr.client import ClientApp, NumPyClient
+from flwr.common import Context, NDArrays, Scalar
+
+from fl_app import model as keras_model
+from fl_app.config import from_run_config
+from fl_app.config_schema import AppConfig
+from fl_app.partition import ClientData, load_client_data
+
+
+class KerasClient(NumPyClient):
+    """One party: trains on its local split, evaluates on its held-out split."""
+
+    def __init__(self, model: keras.Model, data: ClientData, partition_id: int, cfg: AppConfig):
+        self.model = model
+        self.data = data
+        self.partition_id = partition_id
+        self.cfg = cfg
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return self.model.get_weights()
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        self.model.set_weights(parameters)
+        # Same seed, round and party give the same batches: runs are reproducible.
+        seeds = np.random.SeedSequence([self.cfg.seed, int(config["server_round"]), self.partition_id])
+        metrics = keras_model.train(
+            self.model,
+            self.data.x_train,
+            self.data.y_train,
+            epochs=int(config["local_epochs"]),
+            batch_size=int(config["batch_size"]),
+            learning_rate=float(config["learning_rate"]),
+            seed=int(seeds.generate_state(1)[0]),
+        )
+        metrics["partition_id"] = self.partition_id
+        return self.model.get_weights(), len(self.data.x_train), metrics
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        self.model.set_weights(parameters)
+        loss, accuracy = keras_model.evaluate(
+            self.model, self.data.x_val, self.data.y_val, self.cfg.eval_batch_size
+        )
+        return loss, len(self.data.x_val), {"accuracy": accuracy}
+
+
+@lru_cache(maxsize=1)
+def _worker_model(name: str, optimizer: str, loss: str, num_threads: int) -> keras.Model:
+    """One compiled model per worker process, reused by every client it serves."""
+    keras_model.limit_threads(num_threads)
+    return keras_model.build_model(name, optimizer, loss, learning_rate=0.01)
+
+
+def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
+    """The client of the node in `context`: its partition and the worker's model."""
+    partition_id = int(context.node_config["partition-id"])
+    data = load_client_data(
+        cfg.dataset.name,
+        cfg.dataset.data_dir,
+        cfg.partitioner.name,
+        partition_id,
+        int(context.node_config["num-partitions"]),
+        cfg.dataset.val_fraction,
+        cfg.seed,
+    )
+    model = _worker_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.mode.num_cpus_per_client)
+    return KerasClient(model, data, partition_id, cfg).to_client()
+
+
+def build_client_app(cfg: AppConfig | None = None) -> ClientApp:
+    """A ClientApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's."""
+
+    def client_fn(context: Context) -> NumPyClient:
+        return make_client(context, cfg or from_run_config(context.run_config))
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = build_client_app()

@@ -1,0 +1,65 @@
+"""The one place where Hydra's composed config meets Flower's run config.
+
+Both doors end in the same validated `AppConfig`:
+- `python run_simulation.py k=v ...`: Hydra composes `conf/` and `to_app_config` checks it;
+- `flwr run . --run-config 'overrides="k=v ..."'`: Flower hands the ServerApp and each
+  ClientApp the run config, and `from_run_config` composes `conf/` with those overrides.
+Flower's run config only holds flat scalars declared in pyproject.toml, so it carries the
+Hydra override string rather than a copy of every key.
+"""
+
+import dataclasses
+import shlex
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from fl_app.config_schema import AppConfig, ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OVERRIDES_KEY = "overrides"
+
+ConfigStore.instance().store(name="base_config", node=AppConfig)
+
+
+def to_app_config(cfg: DictConfig) -> AppConfig:
+    """Resolve and validate a composed config; raises `ConfigError` on a bad value."""
+    try:
+        # Re-merging into the schema rejects keys that Hydra's `+key=value` appended.
+        typed = OmegaConf.merge(AppConfig, OmegaConf.to_container(cfg))
+        app_cfg = OmegaConf.to_object(typed)
+    except ConfigKeyError as err:
+        known = ", ".join(f.name for f in dataclasses.fields(err.object_type))
+        raise ConfigError(err.full_key, f"no such key; known keys here: {known}") from None
+    except OmegaConfBaseException as err:
+        # OmegaConf wraps errors raised in __post_init__; surface ours unchanged.
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+    assert isinstance(app_cfg, AppConfig)
+    # Workers may run in another working directory: pin the data root now.
+    app_cfg.dataset.data_dir = str(Path(app_cfg.dataset.data_dir).expanduser().resolve())
+    return app_cfg
+
+
+def compose_config(overrides: list[str] | None = None) -> AppConfig:
+    """Compose `conf/config.yaml` with Hydra override strings, outside `@hydra.main`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides or [])
+    return to_app_config(cfg)
+
+
+def from_run_config(run_config: Mapping[str, object]) -> AppConfig:
+    """The config of a `flwr run`: `conf/` plus the run config's Hydra overrides."""
+    return _compose_overrides(str(run_config.get(OVERRIDES_KEY, "")))
+
+
+@lru_cache(maxsize=4)
+def _compose_overrides(overrides: str) -> AppConfig:
+    # Composed once per process and override string, not once per client call.
+    return compose_config(shlex.split(overrides))

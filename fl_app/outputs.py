@@ -1,0 +1,117 @@
+"""A run's output directory: per-round metrics, their plot, checkpoint, final model.
+
+No Flower here. Files that a crash could leave half-written (metrics, checkpoint) are
+written to a temporary file first and renamed into place, so a reader or a resumed run
+only ever sees a complete one.
+"""
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Column order of metrics.csv; keys a round lacks stay empty.
+COLUMNS = (
+    "round",
+    "test_loss",
+    "test_accuracy",
+    "train_loss",
+    "train_accuracy",
+    "eval_loss",
+    "eval_accuracy",
+    "clients_sampled",
+    "clients_succeeded",
+    "clients_failed",
+    "status",
+    "round_seconds",
+)
+
+
+class Checkpoint(NamedTuple):
+    round: int
+    weights: list[np.ndarray]
+    history: list[dict]
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call write(binary file) on a temporary file, then rename it to `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; outputs are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunOutputs:
+    """Paths and writers of one run's output directory."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self.config = self.dir / "config.yaml"
+        self.metrics_json = self.dir / "metrics.json"
+        self.metrics_csv = self.dir / "metrics.csv"
+        self.metrics_png = self.dir / "metrics.png"
+        self.checkpoint = self.dir / "checkpoint.npz"
+        self.model = self.dir / "model.keras"
+
+    def write_config(self, yaml_text: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml_text)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """metrics.json and metrics.csv, one record per completed round."""
+        _write_atomically(self.metrics_json, lambda f: f.write(json.dumps(history, indent=2).encode()))
+        extra = sorted({key for record in history for key in record} - set(COLUMNS))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=[*COLUMNS, *extra], restval="")
+        writer.writeheader()
+        writer.writerows(history)
+        _write_atomically(self.metrics_csv, lambda f: f.write(text.getvalue().encode()))
+
+    def plot_metrics(self, history: list[dict]) -> None:
+        """metrics.png: accuracy and loss per round, centralised and federated."""
+        fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, label in (("test", "centralised test"), ("eval", "clients' held-out"), ("train", "clients' train")):
+            for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+                points = [(r["round"], r[f"{key}_{metric}"]) for r in history if f"{key}_{metric}" in r]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=label)
+        for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+            ax.set_xlabel("round")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        acc_ax.set_title("Accuracy per round")
+        loss_ax.set_title("Loss per round")
+        fig.tight_layout()
+        fig.savefig(self.metrics_png, dpi=100)
+        plt.close(fig)
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        arrays = {f"weight_{i:03d}": w for i, w in enumerate(checkpoint.weights)}
+        _write_atomically(
+            self.checkpoint,
+            lambda f: np.savez(
+                f, round=checkpoint.round, history=json.dumps(checkpoint.history), **arrays
+            ),
+        )
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        if not self.checkpoint.exists():
+            return None
+        with np.load(self.checkpoint) as data:
+            weights = [data[key] for key in sorted(data.files) if key.startswith("weight_")]
+            return Checkpoint(int(data["round"]), weights, json.loads(str(data["history"])))

@@ -1,0 +1,133 @@
+"""ServerApp: the validated FedAvg, centralised evaluation, and the run's outputs.
+
+Built on Flower's legacy path (`LegacyContext` + a DefaultWorkflow-style loop) because
+that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.common import Context, NDArrays, Scalar, log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.serverapp import Grid, ServerApp
+from logging import INFO
+from omegaconf import OmegaConf
+
+from fl_app import model as keras_model
+from fl_app.config import from_run_config
+from fl_app.config_schema import AppConfig, ConfigError
+from fl_app.outputs import Checkpoint, RunOutputs
+from fl_app.partition import load_test_set
+from fl_app.strategy import ValidatedFedAvg
+from fl_app.workflow import ResumableWorkflow
+
+
+class RoundRecorder:
+    """After each round: log a progress line, write metrics, checkpoint atomically."""
+
+    def __init__(self, outputs: RunOutputs, strategy: ValidatedFedAvg, num_rounds: int,
+                 checkpoint: Checkpoint) -> None:
+        self.outputs = outputs
+        self.strategy = strategy
+        self.num_rounds = num_rounds
+        self.history = list(checkpoint.history)
+        self.weights = checkpoint.weights
+
+    def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> None:
+        record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
+        record["round_seconds"] = round(seconds, 3)
+        self.history.append(record)
+        self.weights = weights
+        log(INFO, "%s", progress_line(record, self.num_rounds))
+        self.outputs.write_metrics(self.history)
+        self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history))
+
+
+def progress_line(record: dict, num_rounds: int) -> str:
+    def fmt(key: str) -> str:
+        return f"{record[key]:.4f}" if key in record else "-"
+
+    return (
+        f"[round {record['round']}/{num_rounds}] "
+        f"clients {record.get('clients_succeeded', 0)}/{record.get('clients_sampled', 0)} trained"
+        f" ({record.get('clients_failed', 0)} failed) | train loss {fmt('train_loss')} | "
+        f"test loss {fmt('test_loss')} acc {fmt('test_accuracy')} | {record['round_seconds']:.1f} s"
+    )
+
+
+def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
+    """The checkpoint to continue from, or round 0 with the seed's initial weights."""
+    checkpoint = outputs.load_checkpoint()
+    if checkpoint is not None and not cfg.resume:
+        raise ConfigError(
+            "output_dir",
+            f"{outputs.dir} already holds a run; set resume=true to continue it "
+            "or choose another output_dir",
+        )
+    if checkpoint is not None:
+        log(INFO, "Resuming %s after round %s", outputs.dir, checkpoint.round)
+        return checkpoint
+    if cfg.resume:
+        log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
+    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, cfg.seed), [])
+
+
+def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
+    """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
+    output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    outputs = RunOutputs(Path(output_dir).resolve())
+    checkpoint = _start_or_resume(cfg, outputs)
+    outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    model = keras_model.build_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.learning_rate)
+    x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
+
+    def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
+        model.set_weights(weights)
+        loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
+        return loss, {"accuracy": accuracy}
+
+    strategy = ValidatedFedAvg(
+        fraction_fit=cfg.fraction_fit,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_fit_clients=cfg.min_fit_clients,
+        min_evaluate_clients=cfg.min_evaluate_clients,
+        min_available_clients=cfg.num_clients,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=lambda server_round: {
+            "server_round": server_round,
+            "local_epochs": cfg.local_epochs,
+            "batch_size": cfg.batch_size,
+            "learning_rate": cfg.learning_rate,
+        },
+    )
+    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint)
+    workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder)
+    workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
+
+    model.set_weights(recorder.weights)
+    model.save(outputs.model)
+    outputs.plot_metrics(recorder.history)
+    final = recorder.history[-1] if recorder.history else {}
+    log(
+        INFO,
+        "Final test accuracy %s after %s rounds. Outputs in %s",
+        f"{final['test_accuracy']:.4f}" if "test_accuracy" in final else "n/a",
+        len(recorder.history),
+        outputs.dir,
+    )
+
+
+def build_server_app(cfg: AppConfig | None = None) -> ServerApp:
+    """A ServerApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, cfg or from_run_config(context.run_config))
+
+    return server_app
+
+
+app = build_server_app()

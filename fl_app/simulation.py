@@ -1,0 +1,22 @@
+"""Run the ServerApp and ClientApp on Flower's simulation engine (Ray) in this process."""
+
+from flwr.simulation import run_simulation
+
+from fl_app.client_app import build_client_app
+from fl_app.config_schema import AppConfig
+from fl_app.server_app import build_server_app
+
+
+def simulate(cfg: AppConfig) -> None:
+    """One virtual SuperNode per client, each with the CPUs/GPUs the config gives it."""
+    run_simulation(
+        server_app=build_server_app(cfg),
+        client_app=build_client_app(cfg),
+        num_supernodes=cfg.num_clients,
+        backend_config={
+            "client_resources": {
+                "num_cpus": cfg.mode.num_cpus_per_client,
+                "num_gpus": cfg.mode.num_gpus_per_client,
+            },
+        },
+    )

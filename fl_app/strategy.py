@@ -1,0 +1,135 @@
+"""FedAvg that checks every client update and records each round for the history.
+
+Flower's FedAvg averages whatever arrives; one NaN or mis-shaped update would poison
+the global model. Here each update is checked against the global model it was trained
+from, bad ones are dropped and logged, and a round left with fewer than
+`min_fit_clients` valid updates keeps the global model unchanged.
+"""
+
+from logging import WARNING
+
+import numpy as np
+from flwr.common import (
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    MetricsAggregationFn,
+    NDArrays,
+    Parameters,
+    Scalar,
+    log,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+# Metrics a client reports that identify it rather than measure it: never averaged.
+ID_METRICS = ("partition_id",)
+
+
+def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Average each client metric weighted by the client's number of examples."""
+    total = sum(num_examples for num_examples, _ in metrics)
+    if total == 0:
+        return {}
+    keys = {key for _, client in metrics for key in client if key not in ID_METRICS}
+    return {
+        key: sum(n * float(client[key]) for n, client in metrics if key in client) / total
+        for key in sorted(keys)
+    }
+
+
+def update_problem(
+    arrays: NDArrays, num_examples: int, expected: list[tuple[tuple[int, ...], np.dtype]]
+) -> str | None:
+    """Why a client update must not be averaged in, or None when it is sound."""
+    if num_examples < 1:
+        return f"num_examples is {num_examples}"
+    if len(arrays) != len(expected):
+        return f"{len(arrays)} arrays, expected {len(expected)}"
+    for index, (array, (shape, dtype)) in enumerate(zip(arrays, expected)):
+        if array.shape != shape or array.dtype != dtype:
+            return f"array {index} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        if not np.all(np.isfinite(array)):
+            return f"array {index} holds NaN or Inf"
+    return None
+
+
+class ValidatedFedAvg(FedAvg):
+    """Flower's FedAvg plus update validation and a per-round record (`rounds`)."""
+
+    def __init__(self, **fedavg_kwargs) -> None:
+        fedavg_kwargs.setdefault("fit_metrics_aggregation_fn", weighted_average)
+        fedavg_kwargs.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
+        super().__init__(**fedavg_kwargs)
+        # round -> what happened in it; the server loop adds timing and persists it.
+        self.rounds: dict[int, dict[str, Scalar]] = {}
+        self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(parameters)]
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.rounds[server_round] = {"round": server_round, "clients_sampled": len(instructions)}
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        valid = []
+        for proxy, res in results:
+            problem = update_problem(
+                parameters_to_ndarrays(res.parameters), res.num_examples, self._expected
+            )
+            if problem:
+                log(WARNING, "Round %s: rejected update of client %s: %s", server_round, proxy.cid, problem)
+            else:
+                valid.append((proxy, res))
+        record = self.rounds[server_round]
+        record["clients_succeeded"] = len(valid)
+        record["clients_failed"] = len(failures) + len(results) - len(valid)
+        if len(valid) < self.min_fit_clients:
+            log(
+                WARNING,
+                "Round %s failed: %s valid updates, min_fit_clients=%s; global model unchanged",
+                server_round,
+                len(valid),
+                self.min_fit_clients,
+            )
+            record["status"] = "failed"
+            return None, {}
+        record["status"] = "ok"
+        # A fixed order makes the floating-point sum, and so the run, reproducible.
+        valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
+        parameters, metrics = super().aggregate_fit(server_round, valid, failures)
+        record.update(metrics)
+        return parameters, metrics
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        result = super().evaluate(server_round, parameters)
+        if result is not None and server_round in self.rounds:
+            loss, metrics = result
+            self.rounds[server_round].update(
+                {"test_loss": loss, **{f"test_{k}": v for k, v in metrics.items()}}
+            )
+        return result
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        if loss is not None:
+            self.rounds[server_round].update(
+                {"eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}}
+            )
+        return loss, metrics

@@ -1,0 +1,65 @@
+"""Flower's legacy round loop, made resumable.
+
+`flwr.server.workflow.DefaultWorkflow` always starts at round 1 from fresh parameters
+and offers no hook after a round, so a crashed run could not continue and nothing could
+be saved per round. This loop is the same sequence of Flower's own per-round workflows
+(fit, centralised evaluation, federated evaluation) on a `LegacyContext`, but it starts
+from given weights at a given round and calls back after every round. The fit step is
+pluggable exactly as in DefaultWorkflow, so `SecAggPlusWorkflow` slots in unchanged.
+"""
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.compat.server.typing import Workflow
+from flwr.server import LegacyContext
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.default_workflows import (
+    default_centralized_evaluation_workflow,
+    default_evaluate_workflow,
+    default_fit_workflow,
+)
+from flwr.serverapp import Grid
+
+# Called after each round with (round, global weights after it, seconds it took).
+RoundEndFn = Callable[[int, list[np.ndarray], float], None]
+
+
+class ResumableWorkflow:
+    """Run rounds `first_round..num_rounds` starting from `weights`."""
+
+    def __init__(
+        self,
+        weights: list[np.ndarray],
+        first_round: int,
+        on_round_end: RoundEndFn,
+        fit_workflow: Workflow = default_fit_workflow,
+        evaluate_workflow: Workflow = default_evaluate_workflow,
+    ) -> None:
+        self.weights = weights
+        self.first_round = first_round
+        self.on_round_end = on_round_end
+        self.fit_workflow = fit_workflow
+        self.evaluate_workflow = evaluate_workflow
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
+        registered.wait()
+        try:
+            context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(self.weights)
+            loop_config = ConfigRecord({Key.START_TIME: time.perf_counter()})
+            context.state.config_records[MAIN_CONFIGS_RECORD] = loop_config
+            for server_round in range(self.first_round, context.config.num_rounds + 1):
+                loop_config[Key.CURRENT_ROUND] = server_round
+                started = time.perf_counter()
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                self.evaluate_workflow(grid, context)
+                weights = context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+                self.on_round_end(server_round, weights, time.perf_counter() - started)
+        finally:
+            stop.set()
+            thread.join()

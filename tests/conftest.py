@@ -1,0 +1,36 @@
+"""Shared test setup: real data from ../shared/datasets unless FL_APP_DATA_DIR says otherwise."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Set here so every process the tests start (Ray workers, SuperLinks) inherits it.
+os.environ.setdefault("FL_APP_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
+os.environ["FL_APP_DATA_DIR"] = str(Path(os.environ["FL_APP_DATA_DIR"]).resolve())
+
+# A small federation that still learns: 4 of 20 clients (about 2,700 images each) per round.
+SMALL_RUN = ["num_clients=20", "fraction_fit=0.2", "fraction_evaluate=0.1", "min_fit_clients=2"]
+
+
+def run_simulation_cli(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python run_simulation.py overrides...` as a user runs it, output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_simulation.py"), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["FL_APP_DATA_DIR"])
+    assert (root / "mnist" / "train-images-idx3-ubyte.gz").exists(), (
+        f"MNIST files not found under {root}; set FL_APP_DATA_DIR to the datasets folder"
+    )
+    return root
