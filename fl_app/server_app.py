@@ -107,6 +107,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 
     model.set_weights(recorder.weights)
+    model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
     model.save(outputs.model)
     outputs.plot_metrics(recorder.history)
     final = recorder.history[-1] if recorder.history else {}

@@ -1,0 +1,60 @@
+"""`flwr run .` end to end: Flower's CLI starts its own local SuperLink on free ports."""
+
+import json
+import os
+import socket
+import subprocess
+
+import psutil
+import pytest
+
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_processes_under(flwr_home) -> None:
+    """Kill the SuperLink that `flwr run` left running for this FLWR_HOME, and its children."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(flwr_home) in " ".join(proc.info["cmdline"] or []):
+            family = [proc, *proc.children(recursive=True)]
+            for member in family:
+                member.kill()
+            psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture
+def flwr_env(tmp_path):
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),  # never the user's ~/.flwr
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        # Use the installed packages instead of building a fresh environment per run.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    yield env
+    stop_processes_under(home)
+
+
+def test_flwr_run_trains_and_writes_outputs(tmp_path, flwr_env):
+    out = tmp_path / "run"
+    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 output_dir={out}"
+    result = subprocess.run(
+        ["flwr", "run", ".", "--stream",
+         "--run-config", f'overrides="{overrides}"',
+         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
+        cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in history] == [1, 2]
+    assert history[-1]["clients_succeeded"] == 3
+    assert history[-1]["test_accuracy"] > 0.9
+    assert (out / "model.keras").exists() and (out / "metrics.png").exists()
+    assert "num_clients: 3" in (out / "config.yaml").read_text()

@@ -1,0 +1,106 @@
+"""End to end on Flower's real simulation engine, through `run_simulation.py` as users run it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, SMALL_RUN, run_simulation_cli
+from fl_app.partition import load_test_set
+
+OUTPUT_FILES = {"config.yaml", "metrics.json", "metrics.csv", "metrics.png", "model.keras",
+                "checkpoint.npz"}
+
+
+def read_metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli(*SMALL_RUN, "num_rounds=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert OUTPUT_FILES <= {p.name for p in run_dir.iterdir()}
+
+    history = read_metrics(run_dir)
+    assert [r["round"] for r in history] == [1, 2]
+    last = history[-1]
+    assert last["clients_sampled"] == 4 and last["clients_succeeded"] == 4
+    assert last["clients_failed"] == 0 and last["status"] == "ok"
+    assert last["test_accuracy"] > 0.85, last
+    for key in ("test_loss", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
+                "round_seconds"):
+        assert key in last, key
+    csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("round,test_loss,test_accuracy") and len(csv_lines) == 3
+
+    log = (run_dir / "run_simulation.log").read_text()
+    assert "[round 2/2] clients 4/4 trained" in log
+    assert f"Final test accuracy {last['test_accuracy']:.4f}" in log
+
+    # The saved model is the final global model: same accuracy on the test set.
+    model = keras.models.load_model(run_dir / "model.keras")
+    x_test, y_test = load_test_set("mnist", str(data_root))
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
+    assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-4)
+
+
+def test_same_seed_gives_the_same_rounds(tmp_path):
+    # Every client trains each round: which virtual node is sampled cannot differ.
+    overrides = ["num_clients=3", "num_rounds=2", "fraction_evaluate=0", "seed=3"]
+    runs = []
+    for name in ("a", "b"):
+        result = run_simulation_cli(*overrides, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append([(r["test_loss"], r["test_accuracy"], r["train_loss"])
+                     for r in read_metrics(tmp_path / name)])
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+def test_killed_run_resumes_from_last_completed_round(tmp_path):
+    out = tmp_path / "run"
+    overrides = [*SMALL_RUN, "num_rounds=3", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h1'}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_simulation.py"), *overrides],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.json").exists() and read_metrics(out)):
+            assert proc.poll() is None, "run ended before its first round"
+            assert time.monotonic() < deadline, "no round completed in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray workers it started
+        proc.wait()
+    before = read_metrics(out)
+    assert 1 <= len(before) < 3
+
+    # Without resume=true the existing run is never overwritten.
+    refused = run_simulation_cli(*overrides)
+    assert refused.returncode != 0 and "resume=true" in refused.stdout + refused.stderr
+
+    result = run_simulation_cli(*overrides[:-1], f"hydra.run.dir={tmp_path / 'h2'}", "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = read_metrics(out)
+    assert [r["round"] for r in after] == [1, 2, 3]
+    assert after[: len(before)] == before
+    assert f"Resuming {out} after round {len(before)}" in (tmp_path / "h2" / "run_simulation.log").read_text()
+
+
+def test_multirun_sweep_gives_each_job_its_own_outputs(tmp_path):
+    result = run_simulation_cli(
+        "-m", *SMALL_RUN, "num_rounds=1", "seed=1,2", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        history = read_metrics(tmp_path / job)
+        assert len(history) == 1 and history[0]["test_accuracy"] > 0.8
+    assert "seed: 1" in (tmp_path / "0" / "config.yaml").read_text()
+    assert "seed: 2" in (tmp_path / "1" / "config.yaml").read_text()
