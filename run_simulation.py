@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from fl_app.config import CONF_DIR, to_app_config
 from fl_app.config_schema import ConfigError
+from fl_app.data import DatasetError
 
 log = logging.getLogger("run_simulation")
 
@@ -40,7 +41,11 @@ def main(cfg: DictConfig) -> None:
     from fl_app.simulation import simulate
 
     _log_flower_through_hydra()
-    simulate(app_cfg)
+    try:
+        simulate(app_cfg)
+    except (ConfigError, DatasetError) as err:  # raised before the first round
+        log.error("%s", err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,12 @@ class KerasClient(NumPyClient):
 
 @lru_cache(maxsize=1)
 def _worker_model(name: str, optimizer: str, loss: str, num_threads: int) -> keras.Model:
-    """One compiled model per worker process, reused by every client it serves."""
+    """One compiled model per worker process, reused by every client it serves.
+
+    Its learning rate is set at every fit from the server's fit config.
+    """
     keras_model.limit_threads(num_threads)
-    return keras_model.build_model(name, optimizer, loss, learning_rate=0.01)
+    return keras_model.build_model(name, optimizer, loss, learning_rate=1e-3)
 
 
 def make_client(context: Context, cfg: AppConfig) -> NumPyClient:

@@ -7,11 +7,12 @@ that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
 import time
 from pathlib import Path
 
+from logging import INFO
+
 import numpy as np
 from flwr.common import Context, NDArrays, Scalar, log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
-from logging import INFO
 from omegaconf import OmegaConf
 
 from fl_app import model as keras_model
@@ -78,10 +79,9 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
     outputs = RunOutputs(Path(output_dir).resolve())
     checkpoint = _start_or_resume(cfg, outputs)
-    outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-    model = keras_model.build_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.learning_rate)
     x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
+    outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    model = keras_model.build_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.learning_rate)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
         model.set_weights(weights)
@@ -93,7 +93,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,
         min_evaluate_clients=cfg.min_evaluate_clients,
-        min_available_clients=cfg.num_clients,
+        # Start once enough clients are connected to fill a round, as Flower does.
+        min_available_clients=max(cfg.min_fit_clients, cfg.min_evaluate_clients),
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=lambda server_round: {
             "server_round": server_round,

@@ -16,7 +16,9 @@ os.environ["FL_APP_DATA_DIR"] = str(Path(os.environ["FL_APP_DATA_DIR"]).resolve(
 SMALL_RUN = ["num_clients=20", "fraction_fit=0.2", "fraction_evaluate=0.1", "min_fit_clients=2"]
 
 
-def run_simulation_cli(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_simulation_cli(
+    *overrides: str, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python run_simulation.py overrides...` as a user runs it, output captured."""
     return subprocess.run(
         [sys.executable, str(REPO / "run_simulation.py"), *overrides],
@@ -24,6 +26,7 @@ def run_simulation_cli(*overrides: str, timeout: float = 600) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 

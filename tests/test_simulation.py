@@ -104,3 +104,18 @@ def test_multirun_sweep_gives_each_job_its_own_outputs(tmp_path):
         assert len(history) == 1 and history[0]["test_accuracy"] > 0.8
     assert "seed: 1" in (tmp_path / "0" / "config.yaml").read_text()
     assert "seed: 2" in (tmp_path / "1" / "config.yaml").read_text()
+
+
+def test_corrupt_data_file_stops_the_run_naming_the_file(tmp_path, data_root):
+    data = tmp_path / "data" / "mnist"
+    data.mkdir(parents=True)
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes((data_root / "mnist" / name).read_bytes())
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli(
+        "num_rounds=1", f"hydra.run.dir={run_dir}", env={"FL_APP_DATA_DIR": str(tmp_path / "data")}
+    )
+    assert result.returncode != 0
+    assert f"{data / 'train-images-idx3-ubyte.gz'}: not a valid gzip file" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run_simulation.log"]
