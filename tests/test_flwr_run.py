@@ -1,14 +1,19 @@
 """`flwr run .` end to end: Flower's CLI starts its own local SuperLink on free ports."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import REPO
+
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -21,10 +26,12 @@ def stop_processes_under(flwr_home) -> None:
     """Kill the SuperLink that `flwr run` left running for this FLWR_HOME, and its children."""
     for proc in psutil.process_iter(["cmdline"]):
         if str(flwr_home) in " ".join(proc.info["cmdline"] or []):
-            family = [proc, *proc.children(recursive=True)]
-            for member in family:
-                member.kill()
-            psutil.wait_procs(family, timeout=30)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family = [proc, *proc.children(recursive=True)]
+                for member in family:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        member.kill()
+                psutil.wait_procs(family, timeout=30)
 
 
 @pytest.fixture
@@ -32,6 +39,8 @@ def flwr_env(tmp_path):
     home = tmp_path / "flwr-home"
     env = {
         **os.environ,
+        # `flwr` and the `flower-superlink` it starts: those of this Python environment.
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "FLWR_HOME": str(home),  # never the user's ~/.flwr
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
@@ -46,7 +55,7 @@ def test_flwr_run_trains_and_writes_outputs(tmp_path, flwr_env):
     out = tmp_path / "run"
     overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 output_dir={out}"
     result = subprocess.run(
-        ["flwr", "run", ".", "--stream",
+        [str(BIN / "flwr"), "run", ".", "--stream",
          "--run-config", f'overrides="{overrides}"',
          "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
         cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=600,
