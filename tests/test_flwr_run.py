@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_simulation_cli
 
 BIN = Path(sys.executable).parent
 
@@ -51,9 +51,9 @@ def flwr_env(tmp_path):
     stop_processes_under(home)
 
 
-def test_flwr_run_trains_and_writes_outputs(tmp_path, flwr_env):
+def test_flwr_run_trains_and_matches_run_simulation(tmp_path, flwr_env):
     out = tmp_path / "run"
-    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 output_dir={out}"
+    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 output_dir={out}"
     result = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "--stream",
          "--run-config", f'overrides="{overrides}"',
@@ -67,3 +67,14 @@ def test_flwr_run_trains_and_writes_outputs(tmp_path, flwr_env):
     assert history[-1]["test_accuracy"] > 0.9
     assert (out / "model.keras").exists() and (out / "metrics.png").exists()
     assert "num_clients: 3" in (out / "config.yaml").read_text()
+
+    # The other door, same overrides: the same composed config and the same rounds.
+    other = tmp_path / "run_simulation"
+    result = run_simulation_cli(*overrides.split()[:-1], f"output_dir={other}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (other / "config.yaml").read_text().replace(str(other), str(out)) == (
+        out / "config.yaml"
+    ).read_text()
+    keys = ("test_loss", "test_accuracy", "train_loss")
+    via_cli = [[r[k] for k in keys] for r in json.loads((other / "metrics.json").read_text())]
+    assert via_cli == [[r[k] for k in keys] for r in history]
