@@ -31,6 +31,7 @@ COLUMNS = (
     "clients_sampled",
     "clients_succeeded",
     "clients_failed",
+    "train_examples",
     "status",
     "round_seconds",
 )

@@ -92,6 +92,7 @@ class ValidatedFedAvg(FedAvg):
                 valid.append((proxy, res))
         record = self.rounds[server_round]
         record["clients_succeeded"] = len(valid)
+        record["train_examples"] = sum(res.num_examples for _, res in valid)
         record["clients_failed"] = len(failures) + len(results) - len(valid)
         if len(valid) < self.min_fit_clients:
             log(

@@ -48,6 +48,7 @@ def test_aggregate_equals_numpy_weighted_mean():
         np.testing.assert_allclose(array, expected, rtol=1e-6)
     assert metrics == {"train_loss": pytest.approx((0 * 10 + 1 * 30 + 2 * 60) / 100)}
     assert strategy.rounds[1]["clients_succeeded"] == 3 and strategy.rounds[1]["status"] == "ok"
+    assert strategy.rounds[1]["train_examples"] == 100
 
 
 @pytest.mark.parametrize(

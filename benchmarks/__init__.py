@@ -1,0 +1,1 @@
+"""Benchmarks of fl_app: `python -m benchmarks.run` (see docs/benchmarks.md)."""

@@ -1,0 +1,55 @@
+"""The machine limit: plain Keras training of the same model on the same MNIST samples.
+
+No federation at all: each process builds the model once, warms up, then trains epochs
+of real MNIST images while the others do the same, started together at a barrier. Training
+goes through `fl_app.model.train` (Keras `fit` on a tf.data pipeline with autotune off),
+the fastest plain-Keras way measured here: `fit` on NumPy arrays stalled for seconds in
+some epochs, and a `train_on_batch` loop was no faster.
+"""
+
+import multiprocessing as mp
+import os
+import time
+
+TRAIN_SAMPLES = 20_000
+
+
+def _train(batch_size: int, threads: int, repeats: int, barrier, results) -> None:
+    from fl_app import model as keras_model
+    from fl_app.partition import load_client_data
+
+    keras_model.limit_threads(threads)
+    data = load_client_data("mnist", os.environ["FL_APP_DATA_DIR"], "iid", 0, 3, 0.0, 0)
+    x, y = data.x_train[:TRAIN_SAMPLES], data.y_train[:TRAIN_SAMPLES]
+    model = keras_model.build_model("seed_cnn", "adam", "sparse_categorical_crossentropy", 1e-3)
+
+    def train() -> None:
+        keras_model.train(model, x, y, epochs=1, batch_size=batch_size, learning_rate=1e-3, seed=0)
+
+    train()  # warm-up: traces the training step
+    for repeat in range(repeats):
+        barrier.wait()
+        started = time.monotonic()  # system-wide clock: comparable across processes
+        train()
+        results.put((repeat, len(x), started, time.monotonic()))
+
+
+def samples_per_second(batch_size: int, processes: int, threads: int, repeats: int = 5) -> list[float]:
+    """Aggregate samples/s of `processes` concurrent trainers, once per repeat."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=_train, args=(batch_size, threads, repeats, barrier, results))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    runs = [results.get(timeout=600) for _ in range(processes * repeats)]
+    for worker in workers:
+        worker.join()
+    rates = []
+    for repeat in range(repeats):
+        same = [run for run in runs if run[0] == repeat]
+        wall = max(end for *_, end in same) - min(start for _, _, start, _ in same)
+        rates.append(sum(samples for _, samples, _, _ in same) / wall)
+    return rates

@@ -1,0 +1,157 @@
+"""Measure fl_app's simulation against the machine limit and a plain Flower app, in one run.
+
+    FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.run [--rounds 5] [--skip-scale]
+
+Prints, side by side: plain Keras samples/s (the machine limit), fl_app's and a
+quickstart-style Flower app's training throughput in settings (a) and (b) with their
+ratios, start-up time, and seconds per round and peak memory with 1,000 and 10,000
+virtual clients. Each figure is the median over rounds 2..N (or repeats) with min-max.
+Timings are measured, never asserted.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+from benchmarks.machine_limit import samples_per_second
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (name, clients, fraction_fit, local_epochs, batch_size); fraction_evaluate = fraction_fit.
+SETTINGS = [
+    ("a", 10, 1.0, 1, 32),
+    ("b", 100, 0.1, 5, 10),
+]
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} (min {min(values):,.0f}, max {max(values):,.0f})"
+
+
+def run_tracked(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run cmd; return its result, its start time and the peak RSS (GiB) of its process tree."""
+    started = time.time()
+    proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0.0
+    done = threading.Event()
+
+    def sample_memory() -> None:
+        nonlocal peak
+        while not done.wait(0.5):
+            try:
+                family = [proc, *proc.children(recursive=True)]
+                rss = 0
+                for member in family:
+                    try:
+                        rss += member.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+                peak = max(peak, rss / 2**30)
+            except psutil.NoSuchProcess:
+                return
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output), started, peak
+
+
+def round_rates(starts: list[float], ends: list[float], samples: list[float]) -> list[float]:
+    """Samples/s of rounds 2..N; a round lasts from its start to the next round's start."""
+    bounds = starts[1:] + [ends[-1]]
+    return [samples[k] / (bounds[k] - starts[k]) for k in range(1, len(starts))]
+
+
+def fl_app_run(clients: int, fraction: float, epochs: int, batch: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result, launched, peak = run_tracked([
+            sys.executable, "run_simulation.py", f"num_clients={clients}",
+            f"fraction_fit={fraction}", f"fraction_evaluate={fraction}",
+            f"local_epochs={epochs}", f"batch_size={batch}", f"num_rounds={rounds}",
+            f"hydra.run.dir={tmp}",
+        ])
+        history = json.loads((Path(tmp) / "metrics.json").read_text())
+        stamps = {"configure_fit": [], "[round ": []}
+        for line in (Path(tmp) / "run_simulation.log").read_text().splitlines():
+            match = LOG_TIME.match(line)
+            for key, found in stamps.items():
+                if match and f"- {key}" in line:
+                    found.append(datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    samples = [r["train_examples"] * epochs for r in history]
+    return {
+        "rates": round_rates(stamps["configure_fit"], stamps["[round "], samples),
+        "startup": stamps["configure_fit"][0] - launched,
+        "seconds_per_round": [b - a for a, b in zip(stamps["configure_fit"], stamps["[round "])][1:],
+        "peak_gib": peak,
+    }
+
+
+def plain_flower_run(clients: int, fraction: float, epochs: int, batch: int, rounds: int) -> dict:
+    result, _, peak = run_tracked([
+        sys.executable, "-m", "benchmarks.plain_flower", f"--clients={clients}",
+        f"--fraction-fit={fraction}", f"--epochs={epochs}", f"--batch-size={batch}",
+        f"--rounds={rounds}",
+    ])
+    line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH_RESULT "))
+    timing = json.loads(line.removeprefix("BENCH_RESULT "))
+    samples = [n * epochs for n in timing["train_examples"]]
+    return {"rates": round_rates(timing["round_starts"], timing["round_ends"], samples), "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per run (round 1 is warm-up)")
+    parser.add_argument("--skip-scale", action="store_true", help="skip the 1,000/10,000-client runs")
+    args = parser.parse_args()
+
+    print(f"machine: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
+    limits = {}
+    for batch in sorted({s[4] for s in SETTINGS}):
+        best = 0.0
+        for processes, threads in ((psutil.cpu_count(), 1), (1, psutil.cpu_count())):
+            rates = samples_per_second(batch, processes, threads)
+            print(f"machine limit B={batch}: {processes} process(es) x {threads} thread(s): "
+                  f"{summary(rates)} samples/s")
+            best = max(best, statistics.median(rates))
+        limits[batch] = best
+
+    for name, clients, fraction, epochs, batch in SETTINGS:
+        setting = (clients, fraction, epochs, batch, args.rounds)
+        ours, plain = fl_app_run(*setting), plain_flower_run(*setting)
+        ours_rate, plain_rate = statistics.median(ours["rates"]), statistics.median(plain["rates"])
+        print(f"\nsetting ({name}): {clients} clients, fraction_fit={fraction}, E={epochs}, B={batch}")
+        print(f"  fl_app:       {summary(ours['rates'])} samples/s, efficiency "
+              f"{ours_rate / limits[batch]:.2f} of the machine limit ({limits[batch]:,.0f})")
+        print(f"  plain Flower: {summary(plain['rates'])} samples/s, efficiency "
+              f"{plain_rate / limits[batch]:.2f}")
+        print(f"  fl_app / plain Flower: {ours_rate / plain_rate:.2f}x")
+        print(f"  start-up to first round: {ours['startup']:.1f} s; peak memory fl_app "
+              f"{ours['peak_gib']:.2f} GiB, plain Flower {plain['peak_gib']:.2f} GiB")
+
+    if not args.skip_scale:
+        print()
+        for clients in (100, 1_000, 10_000):
+            run = fl_app_run(clients, 10 / clients, 1, 32, args.rounds)
+            print(f"scale: {clients:,} clients, 10 per round: "
+                  f"{statistics.median(run['seconds_per_round']):.2f} s/round "
+                  f"(min {min(run['seconds_per_round']):.2f}, max {max(run['seconds_per_round']):.2f}), "
+                  f"peak memory of the process tree {run['peak_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
