@@ -56,6 +56,7 @@ class ModeConfig:
     name: str
     num_cpus_per_client: int
     num_gpus_per_client: float
+    ray_address: str | None
 
 
 @dataclass
@@ -76,6 +77,7 @@ class AppConfig:
     learning_rate: float
     optimizer: str
     loss: str
+    eval_every: int
     eval_batch_size: int
     seed: int
     output_dir: str | None
@@ -111,7 +113,8 @@ def validate(cfg: AppConfig) -> None:
     _one_of("mode.name", cfg.mode.name, MODES)
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("loss", cfg.loss, LOSSES)
-    for key in ("num_rounds", "num_clients", "local_epochs", "batch_size", "eval_batch_size"):
+    for key in ("num_rounds", "num_clients", "local_epochs", "batch_size", "eval_every",
+                "eval_batch_size"):
         _at_least(key, getattr(cfg, key), 1)
     _at_least("min_fit_clients", cfg.min_fit_clients, 1)
     _at_least("min_evaluate_clients", cfg.min_evaluate_clients, 0)

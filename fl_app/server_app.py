@@ -84,6 +84,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     model = keras_model.build_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.learning_rate)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
+        if server_round % cfg.eval_every and server_round != cfg.num_rounds:
+            return None  # not an evaluation round: FedAvg then skips centralised evaluation
         model.set_weights(weights)
         loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
         return loss, {"accuracy": accuracy}

@@ -1,6 +1,7 @@
 """Shared test setup: real data from ../shared/datasets unless FL_APP_DATA_DIR says otherwise."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # console scripts (flwr, ray) of this Python environment
 # Set here so every process the tests start (Ray workers, SuperLinks) inherits it.
 os.environ.setdefault("FL_APP_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
 os.environ["FL_APP_DATA_DIR"] = str(Path(os.environ["FL_APP_DATA_DIR"]).resolve())
@@ -37,3 +39,9 @@ def data_root() -> Path:
         f"MNIST files not found under {root}; set FL_APP_DATA_DIR to the datasets folder"
     )
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

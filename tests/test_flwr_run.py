@@ -3,23 +3,12 @@
 import contextlib
 import json
 import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, run_simulation_cli
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import BIN, REPO, free_port, run_simulation_cli
 
 
 def stop_processes_under(flwr_home) -> None:

@@ -24,12 +24,14 @@ def read_metrics(run_dir):
 
 def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    result = run_simulation_cli(*SMALL_RUN, "num_rounds=2", f"hydra.run.dir={run_dir}")
+    result = run_simulation_cli(*SMALL_RUN, "num_rounds=3", "eval_every=2", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert OUTPUT_FILES <= {p.name for p in run_dir.iterdir()}
 
     history = read_metrics(run_dir)
-    assert [r["round"] for r in history] == [1, 2]
+    assert [r["round"] for r in history] == [1, 2, 3]
+    # eval_every=2: the server evaluates rounds 2 and 3 (the last) only.
+    assert ["test_accuracy" in r for r in history] == [False, True, True]
     last = history[-1]
     assert last["clients_sampled"] == 4 and last["clients_succeeded"] == 4
     assert last["clients_failed"] == 0 and last["status"] == "ok"
@@ -38,10 +40,10 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
                 "round_seconds"):
         assert key in last, key
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("round,test_loss,test_accuracy") and len(csv_lines) == 3
+    assert csv_lines[0].startswith("round,test_loss,test_accuracy") and len(csv_lines) == 4
 
     log = (run_dir / "run_simulation.log").read_text()
-    assert "[round 2/2] clients 4/4 trained" in log
+    assert "[round 1/3] clients 4/4 trained" in log and "test loss - acc -" in log
     assert f"Final test accuracy {last['test_accuracy']:.4f}" in log
 
     # The saved model is the final global model: same accuracy on the test set.
