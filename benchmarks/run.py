@@ -32,6 +32,12 @@ SETTINGS = [
     ("a", 10, 1.0, 1, 32),
     ("b", 100, 0.1, 5, 10),
 ]
+# fl_app as configured: evaluating every round (the defaults), or only training in rounds
+# 2..N (no federated evaluation; the server evaluates on the test set at the last round).
+FL_APP_VARIANTS = [
+    ("evaluating every round", ()),
+    ("training only", ("fraction_evaluate=0", "eval_every=1000")),
+]
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -77,13 +83,15 @@ def round_rates(starts: list[float], ends: list[float], samples: list[float]) ->
     return [samples[k] / (bounds[k] - starts[k]) for k in range(1, len(starts))]
 
 
-def fl_app_run(clients: int, fraction: float, epochs: int, batch: int, rounds: int) -> dict:
+def fl_app_run(
+    clients: int, fraction: float, epochs: int, batch: int, rounds: int, *overrides: str
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result, launched, peak = run_tracked([
             sys.executable, "run_simulation.py", f"num_clients={clients}",
             f"fraction_fit={fraction}", f"fraction_evaluate={fraction}",
             f"local_epochs={epochs}", f"batch_size={batch}", f"num_rounds={rounds}",
-            f"hydra.run.dir={tmp}",
+            f"hydra.run.dir={tmp}", *overrides,
         ])
         history = json.loads((Path(tmp) / "metrics.json").read_text())
         stamps = {"configure_fit": [], "[round ": []}
@@ -132,16 +140,18 @@ def main() -> None:
 
     for name, clients, fraction, epochs, batch in SETTINGS:
         setting = (clients, fraction, epochs, batch, args.rounds)
-        ours, plain = fl_app_run(*setting), plain_flower_run(*setting)
-        ours_rate, plain_rate = statistics.median(ours["rates"]), statistics.median(plain["rates"])
         print(f"\nsetting ({name}): {clients} clients, fraction_fit={fraction}, E={epochs}, B={batch}")
-        print(f"  fl_app:       {summary(ours['rates'])} samples/s, efficiency "
-              f"{ours_rate / limits[batch]:.2f} of the machine limit ({limits[batch]:,.0f})")
+        plain = plain_flower_run(*setting)
+        plain_rate = statistics.median(plain["rates"])
         print(f"  plain Flower: {summary(plain['rates'])} samples/s, efficiency "
-              f"{plain_rate / limits[batch]:.2f}")
-        print(f"  fl_app / plain Flower: {ours_rate / plain_rate:.2f}x")
-        print(f"  start-up to first round: {ours['startup']:.1f} s; peak memory fl_app "
-              f"{ours['peak_gib']:.2f} GiB, plain Flower {plain['peak_gib']:.2f} GiB")
+              f"{plain_rate / limits[batch]:.2f} of the machine limit ({limits[batch]:,.0f}), "
+              f"peak memory {plain['peak_gib']:.2f} GiB")
+        for label, overrides in FL_APP_VARIANTS:
+            ours = fl_app_run(*setting, *overrides)
+            ours_rate = statistics.median(ours["rates"])
+            print(f"  fl_app, {label}: {summary(ours['rates'])} samples/s, efficiency "
+                  f"{ours_rate / limits[batch]:.2f}, {ours_rate / plain_rate:.2f}x plain Flower; "
+                  f"start-up {ours['startup']:.1f} s, peak memory {ours['peak_gib']:.2f} GiB")
 
     if not args.skip_scale:
         print()
