@@ -15,6 +15,8 @@ TRAIN_SAMPLES = 20_000
 
 
 def _train(batch_size: int, threads: int, repeats: int, barrier, results) -> None:
+    # As Ray does for its workers: oneDNN's OpenMP pool would otherwise take every core.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     from fl_app import model as keras_model
     from fl_app.partition import load_client_data
 
