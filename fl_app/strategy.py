@@ -13,7 +13,6 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
-    MetricsAggregationFn,
     NDArrays,
     Parameters,
     Scalar,

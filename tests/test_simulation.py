@@ -8,7 +8,6 @@ import sys
 import time
 
 import keras
-import numpy as np
 import pytest
 
 from conftest import REPO, SMALL_RUN, run_simulation_cli
