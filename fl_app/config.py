@@ -10,9 +10,9 @@ Hydra override string rather than a copy of every key.
 
 import dataclasses
 import shlex
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 # Column order of metrics.csv; keys a round lacks stay empty.
 COLUMNS = (

@@ -5,9 +5,8 @@ that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
 """
 
 import time
-from pathlib import Path
-
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 from flwr.common import Context, NDArrays, Scalar, log

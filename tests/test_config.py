@@ -1,10 +1,10 @@
 """Config validation: every bad value fails before training, naming the key and what is allowed."""
 
 import pytest
+from conftest import run_simulation_cli
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from conftest import run_simulation_cli
 from fl_app.config import compose_config, from_run_config
 from fl_app.config_schema import ConfigError
 

@@ -7,7 +7,6 @@ import subprocess
 
 import psutil
 import pytest
-
 from conftest import BIN, REPO, free_port, run_simulation_cli
 
 

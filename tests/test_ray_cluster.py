@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, SMALL_RUN, free_port, run_simulation_cli
 
 RAY_SESSION = Path(tempfile.gettempdir()) / "ray" / "session_latest"

@@ -9,8 +9,8 @@ import time
 
 import keras
 import pytest
-
 from conftest import REPO, SMALL_RUN, run_simulation_cli
+
 from fl_app.partition import load_test_set
 
 OUTPUT_FILES = {"config.yaml", "metrics.json", "metrics.csv", "metrics.png", "model.keras",
