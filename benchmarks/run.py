@@ -10,6 +10,7 @@ Timings are measured, never asserted.
 """
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -45,8 +46,17 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} (min {min(values):,.0f}, max {max(values):,.0f})"
 
 
-def run_tracked(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run cmd; return its result, its start time and the peak RSS (GiB) of its process tree."""
+def tree_rss_gib(proc: psutil.Process) -> float:
+    """Resident memory of proc and all its descendants (Ray's processes and workers)."""
+    total = 0
+    for member in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += member.memory_info().rss
+    return total / 2**30
+
+
+def run_tracked(cmd: list[str]) -> tuple[str, float, float]:
+    """Run cmd; return its output, its start time and the peak RSS (GiB) of its process tree."""
     started = time.time()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
@@ -55,17 +65,8 @@ def run_tracked(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, flo
     def sample_memory() -> None:
         nonlocal peak
         while not done.wait(0.5):
-            try:
-                family = [proc, *proc.children(recursive=True)]
-                rss = 0
-                for member in family:
-                    try:
-                        rss += member.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
-                peak = max(peak, rss / 2**30)
-            except psutil.NoSuchProcess:
-                return
+            with contextlib.suppress(psutil.NoSuchProcess):
+                peak = max(peak, tree_rss_gib(proc))
 
     sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
@@ -74,7 +75,7 @@ def run_tracked(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, flo
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output), started, peak
+    return output, started, peak
 
 
 def round_rates(starts: list[float], ends: list[float], samples: list[float]) -> list[float]:
@@ -87,7 +88,7 @@ def fl_app_run(
     clients: int, fraction: float, epochs: int, batch: int, rounds: int, *overrides: str
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        result, launched, peak = run_tracked([
+        _, launched, peak = run_tracked([
             sys.executable, "run_simulation.py", f"num_clients={clients}",
             f"fraction_fit={fraction}", f"fraction_evaluate={fraction}",
             f"local_epochs={epochs}", f"batch_size={batch}", f"num_rounds={rounds}",
@@ -110,12 +111,12 @@ def fl_app_run(
 
 
 def plain_flower_run(clients: int, fraction: float, epochs: int, batch: int, rounds: int) -> dict:
-    result, _, peak = run_tracked([
+    output, _, peak = run_tracked([
         sys.executable, "-m", "benchmarks.plain_flower", f"--clients={clients}",
         f"--fraction-fit={fraction}", f"--epochs={epochs}", f"--batch-size={batch}",
         f"--rounds={rounds}",
     ])
-    line = next(l for l in result.stdout.splitlines() if l.startswith("BENCH_RESULT "))
+    line = next(l for l in output.splitlines() if l.startswith("BENCH_RESULT "))
     timing = json.loads(line.removeprefix("BENCH_RESULT "))
     samples = [n * epochs for n in timing["train_examples"]]
     return {"rates": round_rates(timing["round_starts"], timing["round_ends"], samples), "peak_gib": peak}
