@@ -79,6 +79,7 @@ class AppConfig:
     loss: str
     eval_every: int
     eval_batch_size: int
+    target_accuracy: float | None
     seed: int
     output_dir: str | None
     resume: bool
@@ -135,5 +136,7 @@ def validate(cfg: AppConfig) -> None:
             raise ConfigError(
                 key, f"got {getattr(cfg, key)}, must be <= num_clients ({cfg.num_clients})"
             )
+    if cfg.target_accuracy is not None:
+        _fraction("target_accuracy", cfg.target_accuracy, allow_zero=False)
     if cfg.resume and not cfg.output_dir:
         raise ConfigError("output_dir", "must name the run to continue when resume=true")

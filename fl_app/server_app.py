@@ -24,17 +24,19 @@ from fl_app.workflow import ResumableWorkflow
 
 
 class RoundRecorder:
-    """After each round: log a progress line, write metrics, checkpoint atomically."""
+    """After each round: log a progress line, write metrics, checkpoint atomically,
+    and end the run once the test accuracy reaches `target_accuracy` (if set)."""
 
     def __init__(self, outputs: RunOutputs, strategy: ValidatedFedAvg, num_rounds: int,
-                 checkpoint: Checkpoint) -> None:
+                 checkpoint: Checkpoint, target_accuracy: float | None) -> None:
         self.outputs = outputs
         self.strategy = strategy
         self.num_rounds = num_rounds
+        self.target_accuracy = target_accuracy
         self.history = list(checkpoint.history)
         self.weights = checkpoint.weights
 
-    def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> None:
+    def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> bool:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
         record["round_seconds"] = round(seconds, 3)
         self.history.append(record)
@@ -42,6 +44,10 @@ class RoundRecorder:
         log(INFO, "%s", progress_line(record, self.num_rounds))
         self.outputs.write_metrics(self.history)
         self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history))
+        reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
+        if reached:
+            log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
+        return reached
 
 
 def progress_line(record: dict, num_rounds: int) -> str:
@@ -104,7 +110,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
             "learning_rate": cfg.learning_rate,
         },
     )
-    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint)
+    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder)
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 

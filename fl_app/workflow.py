@@ -24,8 +24,9 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
-# Called after each round with (round, global weights after it, seconds it took).
-RoundEndFn = Callable[[int, list[np.ndarray], float], None]
+# Called after each round with (round, global weights after it, seconds it took);
+# returns True to end the run after this round.
+RoundEndFn = Callable[[int, list[np.ndarray], float], bool]
 
 
 class ResumableWorkflow:
@@ -59,7 +60,8 @@ class ResumableWorkflow:
                 default_centralized_evaluation_workflow(grid, context)
                 self.evaluate_workflow(grid, context)
                 weights = context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
-                self.on_round_end(server_round, weights, time.perf_counter() - started)
+                if self.on_round_end(server_round, weights, time.perf_counter() - started):
+                    break
         finally:
             stop.set()
             thread.join()
