@@ -9,7 +9,7 @@ the key and what is allowed. This module imports nothing of ours on purpose.
 
 from dataclasses import dataclass
 
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
 PARTITIONERS = ("iid",)
 MODELS = ("seed_cnn",)
 STRATEGIES = ("fedavg",)

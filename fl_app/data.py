@@ -1,14 +1,16 @@
-"""MNIST / Fashion-MNIST loading from the four standard gzip IDX files.
+"""MNIST / Fashion-MNIST (gzip IDX files) and CIFAR-10 (binary batches) as numpy arrays.
 
-This module knows nothing of Flower: it turns a folder of IDX files into numpy
-arrays. Files already on disk are used as they are (only their structure is
-checked, so users may bring their own copies); a missing file is downloaded
-from the dataset's mirror and accepted only if its md5 matches, so offline
-machines work with pre-placed files and online ones never keep a bad download.
+This module knows nothing of Flower: it turns a folder of dataset files into uint8
+arrays of images (N, H, W, C) and labels (N,). Files already on disk are used as
+they are (only their structure is checked, so users may bring their own copies); a
+missing file is downloaded from the dataset's mirror (CIFAR-10: the archive holding
+it) and accepted only if its md5 matches, so offline machines work with pre-placed
+files and online ones never keep a bad download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -16,12 +18,15 @@ import http.client
 import logging
 import math
 import os
+import shutil
 import struct
+import tarfile
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -29,7 +34,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
-IMAGE_SIZE = 28
 NUM_CLASSES = 10
 DOWNLOAD_TIMEOUT_S = 60
 
@@ -39,19 +43,32 @@ SPLIT_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 
+CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
+# split -> batch files; each record is 1 label byte, then the red, green and blue planes.
+CIFAR_SPLIT_FILES = {
+    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("test_batch.bin",),
+}
+
 
 class DatasetError(ValueError):
-    """A dataset file is missing, cannot be fetched, or is not valid IDX data."""
+    """A dataset file is missing, cannot be fetched, or does not hold valid data."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Where a dataset lives locally and remotely; md5 maps file name -> checksum."""
+    """Where a dataset lives locally and remotely; md5 maps file name -> checksum.
+
+    file_format "idx": four gzip IDX files, fetched one by one from base_url;
+    "cifar": binary batch files, fetched together as CIFAR_ARCHIVE from base_url.
+    """
 
     name: str
     folder: str
     base_url: str
     md5: Mapping[str, str]
+    image_shape: tuple[int, int, int]
+    file_format: str = "idx"
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -65,6 +82,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
+        image_shape=(28, 28, 1),
     ),
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
@@ -76,6 +94,15 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        image_shape=(28, 28, 1),
+    ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        folder="cifar-10-batches-bin",  # the folder the archive extracts to
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        md5={CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
+        image_shape=(32, 32, 3),
+        file_format="cifar",
     ),
 }
 
@@ -87,47 +114,74 @@ def load_dataset(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return (x_train, y_train, x_test, y_test) of the dataset called `name`.
 
-    Images are uint8 (N, 28, 28), labels uint8 (N,). Files are read from
-    <data_dir>/<DATASET_FOLDERS[name]>/; missing files are downloaded there first.
+    Images are uint8 (N, H, W, C), labels uint8 (N,). Files are read from
+    <data_dir>/<DATASET_FOLDERS[name]>/; missing files are downloaded first.
     """
+    spec = _spec(name)
+    loader = load_cifar_dataset if spec.file_format == "cifar" else load_idx_dataset
+    return loader(spec, data_dir)
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """(H, W, C) of the dataset's images: lets the model be built without reading data."""
+    return _spec(name).image_shape
+
+
+def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}")
-    return load_idx_dataset(DATASETS[name], data_dir)
+    return DATASETS[name]
 
 
 def load_idx_dataset(
     spec: DatasetSpec, data_dir: str | os.PathLike
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Like load_dataset, for an explicit spec (e.g. another mirror, or a test server)."""
+    """Like load_dataset, for an explicit IDX spec (e.g. another mirror, or a test server)."""
     folder = Path(data_dir) / spec.folder
     arrays = []
     for images_name, labels_name in SPLIT_FILES.values():
         images_path = _ensure_file(spec, folder, images_name)
         labels_path = _ensure_file(spec, folder, labels_name)
-        images = _read_idx(images_path, IMAGE_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+        images = _read_idx(images_path, IMAGE_MAGIC, spec.image_shape[:2])
         labels = _read_idx(labels_path, LABEL_MAGIC, ())
         if len(images) != len(labels):
             raise DatasetError(
                 f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
             )
-        bad = np.flatnonzero(labels >= NUM_CLASSES)
-        if bad.size:
-            raise DatasetError(
-                f"{labels_path}: labels must be 0-{NUM_CLASSES - 1}, found {labels[bad[0]]} "
-                f"at index {bad[0]} ({bad.size} bad labels)"
-            )
-        arrays += [images, labels]
+        _check_labels(labels_path, labels)
+        arrays += [images.reshape(len(images), *spec.image_shape), labels]
+    return tuple(arrays)
+
+
+def load_cifar_dataset(
+    spec: DatasetSpec, data_dir: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Like load_dataset, for an explicit CIFAR spec (e.g. another mirror, or a test server)."""
+    folder = _ensure_cifar_files(spec, Path(data_dir))
+    arrays = []
+    for filenames in CIFAR_SPLIT_FILES.values():
+        images, labels = zip(*(_read_cifar_batch(folder / f, spec.image_shape) for f in filenames))
+        arrays += [np.concatenate(images), np.concatenate(labels)]
     return tuple(arrays)
 
 
 def scale_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]: the model's input (one channel)."""
-    if images.dtype != np.uint8 or images.ndim != 3:
+    """uint8 (N, H, W, C) -> float32 (N, H, W, C) in [0, 1]: the model's input."""
+    if images.dtype != np.uint8 or images.ndim != 4:
         raise DatasetError(
-            f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}"
+            f"expected uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}"
         )
-    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
+    return images.astype(np.float32) / 255.0
+
+
+def _check_labels(path: Path, labels: np.ndarray) -> None:
+    bad = np.flatnonzero(labels >= NUM_CLASSES)
+    if bad.size:
+        raise DatasetError(
+            f"{path}: labels must be 0-{NUM_CLASSES - 1}, found {labels[bad[0]]} "
+            f"at index {bad[0]} ({bad.size} bad labels)"
+        )
 
 
 def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
@@ -146,8 +200,8 @@ def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
     if found_magic != magic:
         raise DatasetError(f"{path}: wrong magic number: expected {magic}, found {found_magic}")
     if tuple(found_dims) != dims:
-        shape = "x".join(map(str, found_dims))
-        raise DatasetError(f"{path}: images are {shape}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+        found, expected = "x".join(map(str, found_dims)), "x".join(map(str, dims))
+        raise DatasetError(f"{path}: images are {found}, expected {expected}")
     expected_len = header_len + count * math.prod(dims)
     if len(data) != expected_len:
         raise DatasetError(
@@ -158,42 +212,108 @@ def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header_len).reshape(count, *dims).copy()
 
 
+def _read_cifar_batch(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Check and decode one batch file: records of 1 label byte + C planes of H x W pixels."""
+    data = path.read_bytes()
+    record_len = 1 + math.prod(shape)
+    if not data:
+        raise DatasetError(f"{path}: empty file")
+    if len(data) % record_len:
+        raise DatasetError(
+            f"{path}: truncated or padded: {len(data)} bytes is not a multiple of the "
+            f"{record_len}-byte record (1 label byte + {'x'.join(map(str, shape))} pixels)"
+        )
+    records = np.frombuffer(data, np.uint8).reshape(-1, record_len)
+    labels = records[:, 0].copy()
+    _check_labels(path, labels)
+    height, width, channels = shape
+    planes = records[:, 1:].reshape(-1, channels, height, width)
+    return np.ascontiguousarray(planes.transpose(0, 2, 3, 1)), labels
+
+
 def _ensure_file(spec: DatasetSpec, folder: Path, filename: str) -> Path:
     """Return folder/filename, downloading it first if it is not there."""
     path = folder / filename
-    if path.exists():
-        return path
+    if not path.exists():
+        _fetch(spec, filename, path, missing=path, what="the four IDX files")
+    return path
+
+
+def _ensure_cifar_files(spec: DatasetSpec, data_dir: Path) -> Path:
+    """Return the batch folder; if a file is missing, fetch the archive and extract it."""
+    folder = data_dir / spec.folder
+    names = [name for names in CIFAR_SPLIT_FILES.values() for name in names]
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        archive = data_dir / CIFAR_ARCHIVE
+        what = f"the six batch files (extracted from {CIFAR_ARCHIVE})"
+        _fetch(spec, CIFAR_ARCHIVE, archive, missing=folder / missing[0], what=what)
+        try:
+            _extract(archive, data_dir, [f"{spec.folder}/{name}" for name in missing])
+        finally:
+            archive.unlink()
+    return folder
+
+
+def _fetch(spec: DatasetSpec, filename: str, dest: Path, missing: Path, what: str) -> None:
+    """Download base_url/filename to dest; on failure, say which file is missing and why."""
     url = spec.base_url.rstrip("/") + "/" + filename
     try:
-        _download(url, path, spec.md5[filename])
+        _download(url, dest, spec.md5[filename])
     except (OSError, http.client.HTTPException) as e:
         raise DatasetError(
-            f"{filename} is missing: looked for {path}, and the download from {url} failed ({e}). "
-            f"Put the four IDX files of {spec.name!r} in {folder}, or set FL_APP_DATA_DIR / "
+            f"{missing.name} is missing: looked for {missing}, and the download from {url} failed "
+            f"({e}). Put {what} of {spec.name!r} in {missing.parent}, or set FL_APP_DATA_DIR / "
             f"dataset.data_dir to a folder holding a {spec.folder}/ sub-folder with them."
         ) from e
-    return path
+
+
+def _extract(archive: Path, dest: Path, names: list[str]) -> None:
+    """Extract exactly the regular-file members `names` under dest.
+
+    Only paths we built are written, so a crafted member name or link in the
+    archive cannot place anything outside dest.
+    """
+    wanted = set(names)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    with _atomic_file(dest / member.name) as out:
+                        shutil.copyfileobj(tar.extractfile(member), out)
+                    wanted.remove(member.name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{archive}: extraction failed (corrupt or truncated?): {e}") from e
+    if wanted:
+        raise DatasetError(f"{archive}: lacks the file(s) {', '.join(sorted(wanted))}")
+
+
+@contextlib.contextmanager
+def _atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """Yield a temporary file beside dest that becomes dest only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _download(url: str, dest: Path, expected_md5: str) -> None:
     """Fetch url to dest atomically: only a file with the expected md5 ever appears at dest."""
     log.info("Downloading %s to %s", url, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        md5 = hashlib.md5()
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
-        ):
-            while chunk := resp.read(1 << 20):
-                md5.update(chunk)
-                out.write(chunk)
+    md5 = hashlib.md5()
+    with (
+        _atomic_file(dest) as out,
+        urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+    ):
+        while chunk := resp.read(1 << 20):
+            md5.update(chunk)
+            out.write(chunk)
         if md5.hexdigest() != expected_md5:
             raise DatasetError(
                 f"checksum mismatch for {url}: expected md5 {expected_md5}, got {md5.hexdigest()}"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
