@@ -1,0 +1,110 @@
+"""Sweep summaries (fl_app/sweep.py): real `-m` sweeps, sequential and in parallel, and the
+summary of hand-written job directories (target not reached, no target, failed jobs)."""
+
+import csv
+import json
+from datetime import datetime
+
+from conftest import SMALL_RUN, run_simulation_cli
+
+from fl_app.sweep import summarise
+
+
+def read_summary(sweep_dir):
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_plot(sweep_dir):
+    assert (sweep_dir / "summary.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
+    result = run_simulation_cli(
+        "-m", *SMALL_RUN, "num_rounds=2", "target_accuracy=0.5,0.999", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(tmp_path)
+    # Overrides shared by every job (SMALL_RUN, num_rounds) do not label a job.
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "target_accuracy=0.5", "ok"), ("1", "target_accuracy=0.999", "ok")
+    ]
+    for row in rows:
+        history = json.loads((tmp_path / row["job"] / "metrics.json").read_text())
+        accuracies = [r["test_accuracy"] for r in history]
+        assert float(row["final_test_accuracy"]) == accuracies[-1]
+        assert float(row["best_test_accuracy"]) == max(accuracies)
+        assert int(row["best_round"]) == accuracies.index(max(accuracies)) + 1
+        assert int(row["rounds_completed"]) == len(history)
+        assert float(row["train_seconds"]) == round(sum(r["round_seconds"] for r in history), 1)
+    # 0.5 is reached in round 1, which ends that run; 0.999 never is.
+    assert (rows[0]["rounds_to_target"], rows[0]["rounds_completed"]) == ("1", "1")
+    assert (rows[1]["rounds_to_target"], rows[1]["rounds_completed"]) == ("not reached", "2")
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| 1 | target_accuracy=0.999 | ok |" in markdown and "| not reached |" in markdown
+    assert markdown in result.stdout  # logged when the sweep ends
+    assert_plot(tmp_path)
+
+
+def test_parallel_sweep_with_joblib_runs_jobs_at_once_and_summarises(tmp_path):
+    result = run_simulation_cli(
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL_RUN, "num_rounds=1",
+        "seed=1,2", f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(tmp_path)
+    assert [(r["overrides"], r["status"], r["rounds_completed"]) for r in rows] == [
+        ("seed=1", "ok", "1"), ("seed=2", "ok", "1")
+    ]
+    assert all(float(r["final_test_accuracy"]) > 0.8 for r in rows)
+    assert_plot(tmp_path)
+
+    # Each job ran in its own process with its own Ray, at the same time as the other.
+    def span(job):
+        stamps = [line[1:24] for line in (tmp_path / job / "run_simulation.log").read_text().splitlines()
+                  if line.startswith("[20")]
+        return datetime.fromisoformat(stamps[0]), datetime.fromisoformat(stamps[-1])
+
+    (start0, end0), (start1, end1) = span("0"), span("1")
+    assert start0 < end1 and start1 < end0
+
+
+def write_job(sweep_dir, num, overrides, status, target=None, accuracies=None):
+    """A job directory as a sweep leaves it; accuracies=None: the job wrote no metrics."""
+    job_dir = sweep_dir / str(num)
+    job_dir.mkdir()
+    (job_dir / "job.yaml").write_text(json.dumps({"num": num, "overrides": overrides, "status": status}))
+    if accuracies is None:
+        return
+    (job_dir / "config.yaml").write_text(f"num_rounds: 3\ntarget_accuracy: {json.dumps(target)}\n")
+    history = [{"round": i, "round_seconds": 1.25} | ({} if acc is None else {"test_accuracy": acc})
+               for i, acc in enumerate(accuracies, start=1)]
+    (job_dir / "metrics.json").write_text(json.dumps(history))
+
+
+def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
+    # Job 10 first: jobs are ordered by number, not by directory name.
+    write_job(tmp_path, 10, ["num_rounds=3", "seed=10"], "COMPLETED", None, [0.5, 0.6, 0.7])
+    write_job(tmp_path, 0, ["num_rounds=3", "seed=0"], "COMPLETED", 0.9, [0.85, 0.92])
+    # Not evaluated in round 2; best in round 1.
+    write_job(tmp_path, 1, ["num_rounds=3", "seed=1"], "COMPLETED", 0.99, [0.9, None, 0.88])
+    write_job(tmp_path, 2, ["num_rounds=3", "seed=2"], "UNKNOWN")  # exited before round 1
+    write_job(tmp_path, 3, ["num_rounds=3", "seed=3"], "FAILED", 0.99, [0.8])  # raised in round 2
+
+    summarise(tmp_path)
+
+    fields = ("job", "overrides", "status", "final_test_accuracy", "best_test_accuracy",
+              "best_round", "rounds_to_target", "rounds_completed", "train_seconds")
+    assert [tuple(row[f] for f in fields) for row in read_summary(tmp_path)] == [
+        ("0", "seed=0", "ok", "0.92", "0.92", "2", "2", "2", "2.5"),
+        ("1", "seed=1", "ok", "0.88", "0.9", "1", "not reached", "3", "3.8"),
+        ("2", "seed=2", "failed: no metrics.json", "", "", "", "", "", ""),
+        ("3", "seed=3", "failed", "0.8", "0.8", "1", "not reached", "1", "1.2"),
+        ("10", "seed=10", "ok", "0.7", "0.7", "3", "", "3", "3.8"),
+    ]
+    markdown = (tmp_path / "summary.md").read_text().splitlines()
+    assert markdown[0].startswith("| job | overrides | status |") and len(markdown) == 2 + 5
+    assert markdown[3] == "| 1 | seed=1 | ok | 0.8800 | 0.9000 | 1 | not reached | 3 | 3.8 |"
+    assert markdown[4] == "| 2 | seed=2 | failed: no metrics.json | - | - | - | - | - | - |"
+    assert markdown[6] == "| 10 | seed=10 | ok | 0.7000 | 0.7000 | 3 | - | 3 | 3.8 |"
+    assert_plot(tmp_path)
