@@ -13,7 +13,8 @@ from flwr.common import Context, NDArrays, Scalar
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
-from fl_app.config_schema import AppConfig
+from fl_app.config_schema import AppConfig, own_settings
+from fl_app.data import image_shape
 from fl_app.partition import ClientData, load_client_data
 
 
@@ -43,6 +44,7 @@ class KerasClient(NumPyClient):
             batch_size=int(config["batch_size"]),
             learning_rate=float(config["learning_rate"]),
             seed=int(seeds.generate_state(1)[0]),
+            proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
         )
         metrics["partition_id"] = self.partition_id
         return self.model.get_weights(), len(self.data.x_train), metrics
@@ -58,13 +60,14 @@ class KerasClient(NumPyClient):
 
 
 @lru_cache(maxsize=1)
-def _worker_model(name: str, optimizer: str, loss: str, num_threads: int) -> keras.Model:
+def _worker_model(name: str, input_shape: tuple[int, int, int], optimizer: str, loss: str,
+                  num_threads: int, proximal: bool) -> keras.Model:
     """One compiled model per worker process, reused by every client it serves.
 
     Its learning rate is set at every fit from the server's fit config.
     """
     keras_model.limit_threads(num_threads)
-    return keras_model.build_model(name, optimizer, loss, learning_rate=1e-3)
+    return keras_model.build_model(name, input_shape, optimizer, loss, 1e-3, proximal)
 
 
 def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
@@ -78,8 +81,16 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
         int(context.node_config["num-partitions"]),
         cfg.dataset.val_fraction,
         cfg.seed,
+        **own_settings(cfg.partitioner),
     )
-    model = _worker_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.mode.num_cpus_per_client)
+    model = _worker_model(
+        cfg.model.name,
+        image_shape(cfg.dataset.name),
+        cfg.optimizer,
+        cfg.loss,
+        cfg.mode.num_cpus_per_client,
+        proximal=cfg.strategy.name == "fedprox",  # the proximal term in the clients' loss
+    )
     return KerasClient(model, data, partition_id, cfg).to_client()
 
 

@@ -7,12 +7,28 @@ config (Hydra CLI, `flwr run`, tests) fails before any training with a message n
 the key and what is allowed. This module imports nothing of ours on purpose.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
-PARTITIONERS = ("iid",)
-MODELS = ("seed_cnn",)
-STRATEGIES = ("fedavg",)
+MODELS = ("seed_cnn", "mcmahan_cnn", "mcmahan_2nn")
+# Each partitioner / strategy, and the settings it takes (any other must stay unset).
+PARTITIONERS = {
+    "iid": (),
+    "pathological": ("shards_per_client",),
+    "dirichlet": ("alpha", "min_partition_size"),
+    "quantity_skew": ("alpha", "min_partition_size"),
+}
+STRATEGIES = {
+    "fedavg": (),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedprox": ("proximal_mu",),
+    "fedadam": ("eta", "beta_1", "beta_2", "tau"),
+    "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
+    "fedadagrad": ("eta", "tau"),
+    "fedmedian": (),
+    "fedtrimmedavg": ("beta",),
+    "krum": ("num_malicious_clients", "num_clients_to_keep"),
+}
 MODES = ("simulation",)
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("sparse_categorical_crossentropy",)
@@ -27,6 +43,8 @@ class ConfigError(ValueError):
 
 
 # No defaults here: conf/*.yaml is the one place that sets (and documents) values.
+# The only exception: a partitioner's or strategy's own settings are None (unset) unless
+# its conf file sets them, since each one takes different settings.
 
 
 @dataclass
@@ -39,6 +57,9 @@ class DatasetConfig:
 @dataclass
 class PartitionerConfig:
     name: str
+    alpha: float | None = None  # Dirichlet concentration: smaller is more skewed
+    min_partition_size: int | None = None
+    shards_per_client: int | None = None
 
 
 @dataclass
@@ -48,7 +69,19 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
+    """Settings named as the keyword arguments of Flower's strategy classes."""
+
     name: str
+    server_learning_rate: float | None = None
+    server_momentum: float | None = None
+    proximal_mu: float | None = None
+    eta: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+    beta: float | None = None
+    num_malicious_clients: int | None = None
+    num_clients_to_keep: int | None = None
 
 
 @dataclass
@@ -88,6 +121,12 @@ class AppConfig:
         validate(self)
 
 
+def own_settings(section: PartitionerConfig | StrategyConfig) -> dict[str, float | int]:
+    """The settings a partitioner or strategy takes: the keys its conf file sets."""
+    return {f.name: getattr(section, f.name) for f in fields(section)
+            if f.name != "name" and getattr(section, f.name) is not None}
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, f"got {value!r}, must be one of {', '.join(allowed)}")
@@ -105,12 +144,56 @@ def _fraction(key: str, value: float, allow_zero: bool) -> None:
         raise ConfigError(key, f"got {value!r}, must be a number in {interval}")
 
 
+def _settings_match(group: str, section, allowed: dict[str, tuple[str, ...]]) -> None:
+    """Each setting that `section.name` takes is set, and no other is."""
+    _one_of(f"{group}.name", section.name, tuple(allowed))
+    takes = allowed[section.name]
+    for field in fields(section):
+        value = getattr(section, field.name)
+        if field.name == "name" or (value is None) != (field.name in takes):
+            continue
+        key = f"{group}.{field.name}"
+        if value is None:
+            raise ConfigError(key, f"{group} {section.name} needs it (a number)")
+        settings = ", ".join(takes) or "none"
+        raise ConfigError(key, f"does not apply to {group} {section.name} (its settings: {settings})")
+
+
+def _in_range(key: str, value: float | None, low: float, high: float, closed: str = "[)") -> None:
+    """value in the interval [low, high) (or as `closed` says), when it is set."""
+    if value is None:
+        return
+    above = value >= low if closed[0] == "[" else value > low
+    below = value <= high if closed[1] == "]" else value < high
+    if not (above and below):
+        raise ConfigError(key, f"got {value!r}, must be in {closed[0]}{low}, {high}{closed[1]}")
+
+
+def _check_settings(cfg: AppConfig) -> None:
+    _settings_match("partitioner", cfg.partitioner, PARTITIONERS)
+    _settings_match("strategy", cfg.strategy, STRATEGIES)
+    inf = float("inf")
+    part, strat = cfg.partitioner, cfg.strategy
+    _in_range("partitioner.alpha", part.alpha, 0, inf, "()")
+    _in_range("partitioner.min_partition_size", part.min_partition_size, 1, inf)
+    _in_range("partitioner.shards_per_client", part.shards_per_client, 1, inf)
+    _in_range("strategy.server_learning_rate", strat.server_learning_rate, 0, inf, "()")
+    _in_range("strategy.server_momentum", strat.server_momentum, 0, 1)
+    _in_range("strategy.proximal_mu", strat.proximal_mu, 0, inf)
+    _in_range("strategy.eta", strat.eta, 0, inf, "()")
+    _in_range("strategy.beta_1", strat.beta_1, 0, 1)
+    _in_range("strategy.beta_2", strat.beta_2, 0, 1)
+    _in_range("strategy.tau", strat.tau, 0, inf, "()")
+    _in_range("strategy.beta", strat.beta, 0, 0.5, "()")
+    _in_range("strategy.num_malicious_clients", strat.num_malicious_clients, 0, inf)
+    _in_range("strategy.num_clients_to_keep", strat.num_clients_to_keep, 0, inf)
+
+
 def validate(cfg: AppConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`."""
     _one_of("dataset.name", cfg.dataset.name, DATASETS)
-    _one_of("partitioner.name", cfg.partitioner.name, PARTITIONERS)
     _one_of("model.name", cfg.model.name, MODELS)
-    _one_of("strategy.name", cfg.strategy.name, STRATEGIES)
+    _check_settings(cfg)
     _one_of("mode.name", cfg.mode.name, MODES)
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("loss", cfg.loss, LOSSES)
@@ -122,7 +205,7 @@ def validate(cfg: AppConfig) -> None:
     _at_least("mode.num_cpus_per_client", cfg.mode.num_cpus_per_client, 1)
     _fraction("fraction_fit", cfg.fraction_fit, allow_zero=False)
     _fraction("fraction_evaluate", cfg.fraction_evaluate, allow_zero=True)
-    _fraction("dataset.val_fraction", cfg.dataset.val_fraction, allow_zero=False)
+    _fraction("dataset.val_fraction", cfg.dataset.val_fraction, allow_zero=True)
     if cfg.dataset.val_fraction >= 1.0:
         raise ConfigError("dataset.val_fraction", f"got {cfg.dataset.val_fraction}, must be < 1")
     if cfg.learning_rate <= 0:
@@ -136,6 +219,12 @@ def validate(cfg: AppConfig) -> None:
             raise ConfigError(
                 key, f"got {getattr(cfg, key)}, must be <= num_clients ({cfg.num_clients})"
             )
+    if cfg.dataset.val_fraction == 0 and cfg.fraction_evaluate > 0:
+        raise ConfigError(
+            "fraction_evaluate",
+            f"got {cfg.fraction_evaluate}, must be 0 when dataset.val_fraction is 0 "
+            "(clients then hold no held-out data to evaluate on)",
+        )
     if cfg.target_accuracy is not None:
         _fraction("target_accuracy", cfg.target_accuracy, allow_zero=False)
     if cfg.resume and not cfg.output_dir:

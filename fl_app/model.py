@@ -1,4 +1,4 @@
-"""The Keras model and how one party trains and evaluates it (no Flower here).
+"""The Keras models and how one party trains and evaluates them (no Flower here).
 
 A model is built and compiled once per process and reused for every client that the
 process serves: `train` resets the optimizer state first, so no client inherits another
@@ -9,15 +9,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
 
-def build_seed_cnn() -> keras.Model:
+def build_seed_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
     """The seed notebook's CNN: 693,962 trainable parameters on 28x28x1 input."""
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             keras.layers.Conv2D(32, (3, 3), activation="relu"),
             keras.layers.MaxPooling2D((2, 2)),
             keras.layers.Flatten(),
@@ -28,13 +27,100 @@ def build_seed_cnn() -> keras.Model:
     )
 
 
-MODELS = {"seed_cnn": build_seed_cnn}
+def build_mcmahan_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
+    """McMahan et al. 2017's MNIST CNN: 1,663,370 parameters on 28x28x1 input."""
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            keras.layers.Conv2D(32, (5, 5), padding="same", activation="relu"),
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Conv2D(64, (5, 5), padding="same", activation="relu"),
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="mcmahan_cnn",
+    )
+
+
+def build_mcmahan_2nn(input_shape: tuple[int, int, int]) -> keras.Model:
+    """McMahan et al. 2017's 2NN: two hidden layers of 200 ReLU units, 199,210 parameters."""
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(200, activation="relu"),
+            keras.layers.Dense(200, activation="relu"),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+        ],
+        name="mcmahan_2nn",
+    )
+
+
+class ProximalModel(keras.Model):
+    """FedProx's local objective (Li et al. 2020): loss + mu/2 * ||w - w_global||^2.
+
+    Keras has no proximal term, so the wrapped model's training loss gets one; `train`
+    sets the anchor (the global weights) and mu before every fit. Evaluation and the
+    weights exchanged with the server are the wrapped model's own.
+    """
+
+    def __init__(self, inner: keras.Model) -> None:
+        super().__init__(name=f"{inner.name}_proximal")
+        self.inner = inner
+        # A plain tuple of tf.Variables: Keras tracks only its own Variables, so these
+        # never become model weights (and never travel to the server).
+        self._proximal = (
+            tf.Variable(0.0, trainable=False),
+            [tf.Variable(w, trainable=False) for w in inner.trainable_weights],
+        )
+
+    def call(self, inputs, training=False):
+        return self.inner(inputs, training=training)
+
+    def set_anchor(self, mu: float) -> None:
+        """Pull the coming fit towards the current (global) weights with strength mu."""
+        mu_var, anchors = self._proximal
+        mu_var.assign(mu)
+        for anchor, weight in zip(anchors, self.inner.trainable_weights):
+            anchor.assign(weight)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training)
+        if not training:
+            return loss
+        mu, anchors = self._proximal
+        distance = tf.add_n([
+            tf.reduce_sum(tf.square(weight - anchor))
+            for weight, anchor in zip(self.inner.trainable_weights, anchors)
+        ])
+        return loss + 0.5 * mu * distance
+
+
+MODELS = {
+    "seed_cnn": build_seed_cnn,
+    "mcmahan_cnn": build_mcmahan_cnn,
+    "mcmahan_2nn": build_mcmahan_2nn,
+}
 OPTIMIZERS = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
 
 
-def build_model(name: str, optimizer: str, loss: str, learning_rate: float) -> keras.Model:
-    """Build and compile a model from config names (see `conf/model`)."""
-    model = MODELS[name]()
+def build_model(
+    name: str,
+    input_shape: tuple[int, int, int],
+    optimizer: str,
+    loss: str,
+    learning_rate: float,
+    proximal: bool = False,
+) -> keras.Model:
+    """Build and compile a model from config names (see `conf/model`).
+
+    proximal=True wraps it for FedProx (`ProximalModel`).
+    """
+    model = MODELS[name](input_shape)
+    if proximal:
+        model = ProximalModel(model)
     model.compile(
         optimizer=OPTIMIZERS[optimizer](learning_rate=learning_rate),
         loss=loss,
@@ -43,10 +129,10 @@ def build_model(name: str, optimizer: str, loss: str, learning_rate: float) -> k
     return model
 
 
-def initial_weights(name: str, seed: int) -> list[np.ndarray]:
+def initial_weights(name: str, input_shape: tuple[int, int, int], seed: int) -> list[np.ndarray]:
     """The global model's starting weights, identical for a given seed."""
     keras.utils.set_random_seed(seed)
-    return MODELS[name]().get_weights()
+    return MODELS[name](input_shape).get_weights()
 
 
 def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> None:
@@ -79,9 +165,17 @@ def train(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train in place from the model's current weights; return last-epoch loss/accuracy."""
+    """Train in place from the model's current weights; return last-epoch loss/accuracy.
+
+    With a `ProximalModel`, `proximal_mu` > 0 keeps the weights near their starting point.
+    """
     _reset_optimizer(model.optimizer, learning_rate)
+    if isinstance(model, ProximalModel):
+        model.set_anchor(proximal_mu)
+    elif proximal_mu:
+        raise ValueError("proximal_mu needs a model built with proximal=True")
     history = model.fit(_batches(x, y, batch_size, seed), epochs=epochs, shuffle=False, verbose=0)
     return {
         "train_loss": float(history.history["loss"][-1]),

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 # Column order of metrics.csv; keys a round lacks stay empty.
@@ -67,6 +68,8 @@ class RunOutputs:
         self.metrics_png = self.dir / "metrics.png"
         self.checkpoint = self.dir / "checkpoint.npz"
         self.model = self.dir / "model.keras"
+        self.partitions_json = self.dir / "partitions.json"
+        self.partitions_png = self.dir / "partitions.png"
 
     def write_config(self, yaml_text: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,45 @@ class RunOutputs:
         loss_ax.set_title("Loss per round")
         fig.tight_layout()
         fig.savefig(self.metrics_png, dpi=100)
+        plt.close(fig)
+
+    def write_partitions(self, counts: np.ndarray) -> None:
+        """partitions.json: statistics of the split and each client's label counts."""
+        sizes = counts.sum(axis=1)
+        labels_held = (counts > 0).sum(axis=1)
+        summary = {
+            "clients": len(counts),
+            "samples": int(sizes.sum()),
+            "size_min": int(sizes.min()),
+            "size_median": float(np.median(sizes)),
+            "size_max": int(sizes.max()),
+            "labels_per_client_min": int(labels_held.min()),
+            "labels_per_client_mean": float(labels_held.mean()),
+            "labels_per_client_max": int(labels_held.max()),
+        }
+        text = json.dumps({"summary": summary, "label_counts": counts.tolist()}, indent=1)
+        _write_atomically(self.partitions_json, lambda f: f.write(text.encode()))
+
+    def plot_partitions(self, counts: np.ndarray, title: str, max_clients: int = 50) -> None:
+        """partitions.png: one bar per client (the first `max_clients`), split by label."""
+        shown = counts[:max_clients]
+        fig, ax = plt.subplots(figsize=(11, 1.5 + 0.18 * len(shown)))
+        left = np.zeros(len(shown))
+        colours = plt.get_cmap("tab10")
+        for label in range(shown.shape[1]):
+            ax.barh(np.arange(len(shown)), shown[:, label], left=left, color=colours(label),
+                    label=str(label))
+            left += shown[:, label]
+        ax.invert_yaxis()
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(y=0.01)
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("client (partition id)")
+        suffix = f" (first {len(shown)} of {len(counts)} clients)" if len(counts) > len(shown) else ""
+        ax.set_title(title + suffix)
+        ax.legend(title="label", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(self.partitions_png, dpi=100)
         plt.close(fig)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:

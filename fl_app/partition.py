@@ -1,29 +1,114 @@
 """Split a dataset into the parties' local datasets (no Flower here).
 
 A partitioner maps the training labels to one index array per party; a party then
-materialises only its own rows. The dataset and the split are computed once per
-process and cached, so a worker serving many virtual clients reads the files once.
+materialises only its own rows. The splitting itself is done by `flwr-datasets`
+partitioners, run on a table of (label, row index) so that they never touch images.
+The dataset and the split are computed once per process and cached, so a worker
+serving many virtual clients reads the files once.
 """
 
+import warnings
 from functools import lru_cache
 from typing import NamedTuple
 
+import datasets
 import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    Partitioner,
+    ShardPartitioner,
+    SizePartitioner,
+)
 
-from fl_app.data import load_dataset, scale_images
+from fl_app.data import NUM_CLASSES, load_dataset, scale_images
+
+datasets.disable_progress_bars()  # a bar per partition would drown the run's log
 
 
 def iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
     """Equal-sized (to within one sample), disjoint, seeded random partitions.
 
-    Written here because flwr-datasets' IidPartitioner needs a Hugging Face Dataset
-    and cuts contiguous, unshuffled shards.
+    Written here because flwr-datasets' IidPartitioner goes through a Hugging Face
+    Dataset, about 10 ms per partition: minutes for the 10,000 clients we simulate.
     """
     order = np.random.default_rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(order, num_partitions)]
 
 
-PARTITIONERS = {"iid": iid}
+def _pathological(num_partitions: int, seed: int, labels: np.ndarray, shards_per_client: int) -> Partitioner:
+    # McMahan et al. 2017: sort by label, cut 2 x clients equal shards, deal 2 per client.
+    return ShardPartitioner(num_partitions, "label", num_shards_per_partition=shards_per_client, seed=seed)
+
+
+def _dirichlet(num_partitions: int, seed: int, labels: np.ndarray, alpha: float,
+               min_partition_size: int) -> Partitioner:
+    # Label skew: each class is spread over the clients by proportions ~ Dir(alpha).
+    return DirichletPartitioner(
+        num_partitions, "label", alpha, min_partition_size=min_partition_size, seed=seed
+    )
+
+
+def _quantity_skew(num_partitions: int, seed: int, labels: np.ndarray, alpha: float,
+                   min_partition_size: int) -> Partitioner:
+    """Sizes ~ Dir(alpha) (Li et al. 2022, NIID-Bench), labels IID within each client.
+
+    flwr-datasets has fixed size curves (linear, square, exponential) but no random
+    Dirichlet sizes, so only the sizes are drawn here; SizePartitioner cuts them.
+    """
+    spare = len(labels) - num_partitions * min_partition_size
+    if spare < 0:
+        raise ValueError(
+            f"partitioner.min_partition_size={min_partition_size} x {num_partitions} clients "
+            f"exceeds the {len(labels)} training samples"
+        )
+    rng = np.random.default_rng(seed)
+    sizes = min_partition_size + rng.multinomial(spare, rng.dirichlet(np.full(num_partitions, alpha)))
+    return SizePartitioner([int(size) for size in sizes])
+
+
+# The non-IID splits, from flwr-datasets (conf/partitioner/<name>.yaml holds their settings).
+FLWR_PARTITIONERS = {
+    "pathological": _pathological,
+    "dirichlet": _dirichlet,
+    "quantity_skew": _quantity_skew,
+}
+
+
+class Split:
+    """Every party's row indices under one partitioning of the training labels.
+
+    A flwr-datasets partitioner assigns all rows at the first lookup; each party's
+    rows are then read on demand, so a worker pays only for the clients it serves.
+    """
+
+    def __init__(self, labels: np.ndarray, partitioner: str, num_partitions: int, seed: int,
+                 **params) -> None:
+        if num_partitions > len(labels):
+            raise ValueError(f"cannot split {len(labels)} samples into {num_partitions} partitions")
+        self.labels = labels
+        self.num_partitions = num_partitions
+        self._iid = iid(labels, num_partitions, seed) if partitioner == "iid" else None
+        if self._iid is None:
+            self._splitter = FLWR_PARTITIONERS[partitioner](num_partitions, seed, labels, **params)
+            rows = datasets.Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
+            # Shuffled first: size partitioners cut contiguous ranges.
+            self._splitter.dataset = rows.shuffle(seed=seed)
+
+    def rows(self, partition_id: int) -> np.ndarray:
+        """The sorted training-set rows of party `partition_id`."""
+        if self._iid is not None:
+            return self._iid[partition_id]
+        with warnings.catch_warnings():  # pyarrow deprecations inside flwr-datasets' sort
+            warnings.simplefilter("ignore", FutureWarning)
+            part = self._splitter.load_partition(partition_id)
+        return np.sort(part.with_format("numpy")["row"])
+
+    def label_counts(self) -> np.ndarray:
+        """(parties, classes): how many samples of each class every party holds."""
+        return np.stack([
+            np.bincount(self.labels[self.rows(i)], minlength=NUM_CLASSES)
+            for i in range(self.num_partitions)
+        ])
 
 
 class ClientData(NamedTuple):
@@ -39,13 +124,15 @@ def _cached_dataset(name: str, data_dir: str) -> tuple[np.ndarray, ...]:
 
 
 @lru_cache(maxsize=4)
-def _cached_partitions(
-    name: str, data_dir: str, partitioner: str, num_partitions: int, seed: int
-) -> list[np.ndarray]:
-    y_train = _cached_dataset(name, data_dir)[1]
-    if num_partitions > len(y_train):
-        raise ValueError(f"cannot split {len(y_train)} samples into {num_partitions} partitions")
-    return PARTITIONERS[partitioner](y_train, num_partitions, seed)
+def _cached_split(name: str, data_dir: str, partitioner: str, num_partitions: int, seed: int,
+                  params: tuple[tuple[str, object], ...]) -> Split:
+    return Split(_cached_dataset(name, data_dir)[1], partitioner, num_partitions, seed, **dict(params))
+
+
+def load_split(name: str, data_dir: str, partitioner: str, num_partitions: int, seed: int,
+               **params) -> Split:
+    """The partitioning of dataset `name`'s training set (cached per process)."""
+    return _cached_split(name, data_dir, partitioner, num_partitions, seed, tuple(sorted(params.items())))
 
 
 def load_test_set(name: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,10 +149,11 @@ def load_client_data(
     num_partitions: int,
     val_fraction: float,
     seed: int,
+    **params,
 ) -> ClientData:
     """One party's training rows, split (seeded) into local train and held-out parts."""
-    indices = _cached_partitions(name, data_dir, partitioner, num_partitions, seed)[partition_id]
-    shuffled = np.random.default_rng([seed, partition_id]).permutation(indices)
+    rows = load_split(name, data_dir, partitioner, num_partitions, seed, **params).rows(partition_id)
+    shuffled = np.random.default_rng([seed, partition_id]).permutation(rows)
     num_val = int(round(len(shuffled) * val_fraction))
     train_idx, val_idx = np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
     x_train, y_train = _cached_dataset(name, data_dir)[:2]

@@ -1,4 +1,4 @@
-"""ServerApp: the validated FedAvg, centralised evaluation, and the run's outputs.
+"""ServerApp: the configured (validated) strategy, centralised evaluation, the run's outputs.
 
 Built on Flower's legacy path (`LegacyContext` + a DefaultWorkflow-style loop) because
 that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
-from fl_app.config_schema import AppConfig, ConfigError
+from fl_app.config_schema import AppConfig, ConfigError, own_settings
+from fl_app.data import image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
-from fl_app.partition import load_test_set
-from fl_app.strategy import ValidatedFedAvg
+from fl_app.partition import load_split, load_test_set
+from fl_app.strategy import ValidatedStrategy, build_strategy
 from fl_app.workflow import ResumableWorkflow
 
 
@@ -27,7 +28,7 @@ class RoundRecorder:
     """After each round: log a progress line, write metrics, checkpoint atomically,
     and end the run once the test accuracy reaches `target_accuracy` (if set)."""
 
-    def __init__(self, outputs: RunOutputs, strategy: ValidatedFedAvg, num_rounds: int,
+    def __init__(self, outputs: RunOutputs, strategy: ValidatedStrategy, num_rounds: int,
                  checkpoint: Checkpoint, target_accuracy: float | None) -> None:
         self.outputs = outputs
         self.strategy = strategy
@@ -76,7 +77,17 @@ def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
         return checkpoint
     if cfg.resume:
         log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
-    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, cfg.seed), [])
+    shape = image_shape(cfg.dataset.name)
+    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, shape, cfg.seed), [])
+
+
+def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
+    """partitions.json/png: what each client holds (simulation: the server knows the split)."""
+    split = load_split(cfg.dataset.name, cfg.dataset.data_dir, cfg.partitioner.name,
+                       cfg.num_clients, cfg.seed, **own_settings(cfg.partitioner))
+    counts = split.label_counts()
+    outputs.write_partitions(counts)
+    outputs.plot_partitions(counts, title=f"{cfg.partitioner.name} partitions of {cfg.dataset.name}")
 
 
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
@@ -86,7 +97,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     checkpoint = _start_or_resume(cfg, outputs)
     x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
     outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    model = keras_model.build_model(cfg.model.name, cfg.optimizer, cfg.loss, cfg.learning_rate)
+    record_partitions(cfg, outputs)
+    model = keras_model.build_model(
+        cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate
+    )
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
         if server_round % cfg.eval_every and server_round != cfg.num_rounds:
@@ -95,7 +109,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
         return loss, {"accuracy": accuracy}
 
-    strategy = ValidatedFedAvg(
+    strategy = build_strategy(
+        cfg.strategy.name,
+        own_settings(cfg.strategy),
+        checkpoint.weights,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,

@@ -1,15 +1,17 @@
-"""FedAvg that checks every client update and records each round for the history.
+"""Flower's strategies, each wrapped to check every client update and record each round.
 
-Flower's FedAvg averages whatever arrives; one NaN or mis-shaped update would poison
-the global model. Here each update is checked against the global model it was trained
-from, bad ones are dropped and logged, and a round left with fewer than
-`min_fit_clients` valid updates keeps the global model unchanged.
+Flower's strategies aggregate whatever arrives; one NaN or mis-shaped update would
+poison the global model. `ValidatedStrategy` wraps any of them (as Flower's own DP
+wrappers do): each update is checked against the global model it was trained from,
+bad ones are dropped and logged, a round left with fewer than `min_fit_clients` valid
+updates keeps the global model unchanged, and every round is recorded for the history.
 """
 
 from logging import WARNING
 
 import numpy as np
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -17,11 +19,23 @@ from flwr.common import (
     Parameters,
     Scalar,
     log,
+    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 # Metrics a client reports that identify it rather than measure it: never averaged.
 ID_METRICS = ("partition_id",)
@@ -55,22 +69,59 @@ def update_problem(
     return None
 
 
-class ValidatedFedAvg(FedAvg):
-    """Flower's FedAvg plus update validation and a per-round record (`rounds`)."""
+# conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
 
-    def __init__(self, **fedavg_kwargs) -> None:
-        fedavg_kwargs.setdefault("fit_metrics_aggregation_fn", weighted_average)
-        fedavg_kwargs.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
-        super().__init__(**fedavg_kwargs)
+
+def build_strategy(
+    name: str, settings: dict[str, Scalar], initial_weights: NDArrays, **common
+) -> "ValidatedStrategy":
+    """Flower's strategy `name`, started from `initial_weights`, wrapped in validation.
+
+    `common` are the keyword arguments all of them share (fractions, minimums,
+    evaluate_fn, on_fit_config_fn, ...). Server-side optimisers (FedAvgM, FedAdam, ...)
+    take their step from `initial_weights`, so a resumed run passes its checkpoint.
+    """
+    common.setdefault("fit_metrics_aggregation_fn", weighted_average)
+    common.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
+    strategy = STRATEGIES[name](
+        initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
+    )
+    return ValidatedStrategy(strategy)
+
+
+class ValidatedStrategy(Strategy):
+    """A Flower strategy plus update validation and a per-round record (`rounds`)."""
+
+    def __init__(self, strategy: FedAvg) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.min_fit_clients = strategy.min_fit_clients
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
         self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def __repr__(self) -> str:
+        return f"ValidatedStrategy({self.strategy!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(parameters)]
-        instructions = super().configure_fit(server_round, parameters, client_manager)
+        instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
         self.rounds[server_round] = {"round": server_round, "clients_sampled": len(instructions)}
         return instructions
 
@@ -106,14 +157,19 @@ class ValidatedFedAvg(FedAvg):
         record["status"] = "ok"
         # A fixed order makes the floating-point sum, and so the run, reproducible.
         valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
-        parameters, metrics = super().aggregate_fit(server_round, valid, failures)
+        parameters, metrics = self.strategy.aggregate_fit(server_round, valid, failures)
         record.update(metrics)
         return parameters, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        result = super().evaluate(server_round, parameters)
+        result = self.strategy.evaluate(server_round, parameters)
         if result is not None and server_round in self.rounds:
             loss, metrics = result
             self.rounds[server_round].update(
@@ -127,7 +183,7 @@ class ValidatedFedAvg(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         if loss is not None:
             self.rounds[server_round].update(
                 {"eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}}

@@ -30,8 +30,13 @@ def test_defaults_are_the_documented_main_job():
         ("eval_every=0", "eval_every", ">= 1"),
         ("learning_rate=0", "learning_rate", "> 0"),
         ("optimizer=rmsprop", "optimizer", "sgd, adam"),
-        ("dataset.name=cifar", "dataset.name", "mnist, fashion_mnist"),
-        ("model.name=resnet", "model.name", "seed_cnn"),
+        ("dataset.name=cifar", "dataset.name", "mnist, fashion_mnist, cifar10"),
+        ("model.name=resnet", "model.name", "seed_cnn, mcmahan_cnn, mcmahan_2nn"),
+        ("strategy.name=fedfoo", "strategy.name", "fedavg, fedavgm, fedprox"),
+        ("partitioner.name=natural", "partitioner.name", "iid, pathological, dirichlet"),
+        ("+partitioner.alpha=0.1", "partitioner.alpha", "does not apply to partitioner iid"),
+        ("strategy.name=fedprox", "strategy.proximal_mu", "strategy fedprox needs it"),
+        ("target_accuracy=1.5", "target_accuracy", "(0, 1]"),
         ("dataset.val_fraction=1.0", "dataset.val_fraction", "< 1"),
         ("+unknown_key=1", "unknown_key", "known keys here: dataset"),
         ("+dataset.colour=1", "dataset.colour", "known keys here: name, data_dir"),
@@ -40,6 +45,28 @@ def test_defaults_are_the_documented_main_job():
 def test_bad_value_names_key_and_allowed_values(override, key, allowed):
     with pytest.raises(ConfigError) as err:
         compose_config([override])
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, allowed",
+    [
+        (["partitioner=dirichlet", "partitioner.alpha=0"], "partitioner.alpha", "(0, inf)"),
+        (["partitioner=pathological", "partitioner.shards_per_client=0"],
+         "partitioner.shards_per_client", "[1, inf)"),
+        (["partitioner=dirichlet", "partitioner.shards_per_client=2"], "partitioner.shards_per_client",
+         "its settings: alpha, min_partition_size"),
+        (["strategy=fedprox", "strategy.proximal_mu=-1"], "strategy.proximal_mu", "[0, inf)"),
+        (["strategy=fedavgm", "strategy.server_momentum=1"], "strategy.server_momentum", "[0, 1)"),
+        (["strategy=fedtrimmedavg", "strategy.beta=0.5"], "strategy.beta", "(0, 0.5)"),
+        (["strategy=fedadam", "strategy.proximal_mu=0.1"], "strategy.proximal_mu",
+         "does not apply to strategy fedadam"),
+    ],
+)
+def test_bad_partitioner_or_strategy_setting_names_key(overrides, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
     assert err.value.key == key
     assert f"'{key}'" in str(err.value) and allowed in str(err.value)
 
@@ -81,5 +108,6 @@ def test_cli_rejects_unknown_dataset_group(tmp_path):
 def test_cli_help_lists_groups_and_keys():
     result = run_simulation_cli("--help", timeout=120)
     assert result.returncode == 0
-    for text in ("dataset: fashion_mnist, mnist", "num_clients", "fraction_fit", "resume"):
+    for text in ("dataset: cifar10, fashion_mnist, mnist", "strategy: fedadagrad, fedadam",
+                 "partitioner: dirichlet, iid, pathological, quantity_skew", "num_clients", "fraction_fit", "resume"):
         assert text in result.stdout, text

@@ -1,30 +1,50 @@
-"""The seed CNN and local training on real MNIST."""
+"""The models, local training on real MNIST, and FedProx's proximal term."""
 
 import numpy as np
+import pytest
 
 from fl_app import model as keras_model
 from fl_app.partition import load_client_data
 
+LOSS = "sparse_categorical_crossentropy"
 
-def test_seed_cnn_has_the_seed_notebooks_parameter_count():
-    model = keras_model.build_seed_cnn()
-    assert model.count_params() == 693_962
-    assert [layer.__class__.__name__ for layer in model.layers] == [
-        "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"
-    ]
+
+MNIST_SHAPE = (28, 28, 1)
+
+
+@pytest.mark.parametrize(
+    "name, params, layers",
+    [
+        ("seed_cnn", 693_962, ["Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]),
+        ("mcmahan_cnn", 1_663_370, ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten",
+                                    "Dense", "Dense"]),
+        ("mcmahan_2nn", 199_210, ["Flatten", "Dense", "Dense", "Dense"]),
+    ],
+)
+def test_models_have_their_papers_parameter_counts(name, params, layers):
+    model = keras_model.MODELS[name](MNIST_SHAPE)
+    assert model.count_params() == params
+    assert [layer.__class__.__name__ for layer in model.layers] == layers
+
+
+@pytest.mark.parametrize("name", sorted(keras_model.MODELS))
+def test_models_take_colour_images(name):
+    model = keras_model.MODELS[name]((32, 32, 3))
+    assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
 
 
 def test_initial_weights_are_fixed_by_the_seed():
-    a, b = keras_model.initial_weights("seed_cnn", 7), keras_model.initial_weights("seed_cnn", 7)
-    c = keras_model.initial_weights("seed_cnn", 8)
+    a = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 7)
+    b = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 7)
+    c = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 8)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
 
 
 def test_training_learns_and_is_reproducible(data_root):
     data = load_client_data("mnist", str(data_root), "iid", 0, 30, 0.1, seed=0)  # 1,800 images
-    model = keras_model.build_model("seed_cnn", "adam", "sparse_categorical_crossentropy", 0.002)
-    start = keras_model.initial_weights("seed_cnn", 0)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "adam", LOSS, 0.002)
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
     runs = []
     for _ in range(2):
         model.set_weights(start)
@@ -36,3 +56,33 @@ def test_training_learns_and_is_reproducible(data_root):
     # Optimizer state is reset per fit: the same start, data and seed give the same weights.
     assert runs[0][0] == runs[1][0]
     assert all(np.allclose(x, y) for x, y in zip(runs[0][1], runs[1][1]))
+
+
+def train_from(start, data, proximal: bool, mu: float):
+    """Weights after 2 SGD epochs from `start`, and their distance from it."""
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05, proximal=proximal)
+    model.set_weights(start)
+    keras_model.train(model, data.x_train, data.y_train, epochs=2, batch_size=32,
+                      learning_rate=0.05, seed=1, proximal_mu=mu)
+    weights = model.get_weights()
+    return weights, np.sqrt(sum(np.sum((w - s) ** 2) for w, s in zip(weights, start)))
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(data_root):
+    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)  # 540 images
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    plain, plain_distance = train_from(start, data, proximal=False, mu=0.0)
+    mu_zero, mu_zero_distance = train_from(start, data, proximal=True, mu=0.0)
+    # The proximal model exchanges exactly the plain model's weights, and mu=0 changes nothing.
+    assert [w.shape for w in mu_zero] == [w.shape for w in plain]
+    assert all(np.array_equal(a, b) for a, b in zip(plain, mu_zero))
+    distances = [train_from(start, data, proximal=True, mu=mu)[1] for mu in (0.1, 1.0)]
+    assert plain_distance == mu_zero_distance > distances[0] > distances[1]
+
+
+def test_proximal_mu_without_a_proximal_model_is_refused(data_root):
+    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05)
+    with pytest.raises(ValueError, match="proximal=True"):
+        keras_model.train(model, data.x_train, data.y_train, epochs=1, batch_size=32,
+                          learning_rate=0.05, seed=1, proximal_mu=0.1)

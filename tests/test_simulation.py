@@ -14,7 +14,7 @@ from conftest import REPO, SMALL_RUN, run_simulation_cli
 from fl_app.partition import load_test_set
 
 OUTPUT_FILES = {"config.yaml", "metrics.json", "metrics.csv", "metrics.png", "model.keras",
-                "checkpoint.npz"}
+                "checkpoint.npz", "partitions.json", "partitions.png"}
 
 
 def read_metrics(run_dir):
@@ -50,6 +50,25 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     x_test, y_test = load_test_set("mnist", str(data_root))
     _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-4)
+
+
+def test_non_iid_run_with_another_strategy_stops_at_target_accuracy(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli(
+        "num_clients=5", "fraction_evaluate=0", "num_rounds=6",
+        "partitioner=pathological", "strategy=fedavgm", "strategy.server_momentum=0.5",
+        "model=mcmahan_2nn", "target_accuracy=0.6", f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = read_metrics(run_dir)
+    assert history[-1]["test_accuracy"] >= 0.6
+    assert all(r["test_accuracy"] < 0.6 for r in history[:-1]) and len(history) < 6
+    assert f"Target accuracy 0.6 reached in round {len(history)}" in (run_dir / "run_simulation.log").read_text()
+    partitions = json.loads((run_dir / "partitions.json").read_text())
+    assert partitions["summary"]["clients"] == 5 and partitions["summary"]["size_min"] == 12_000
+    assert partitions["summary"]["labels_per_client_max"] <= 4
+    assert (run_dir / "partitions.png").stat().st_size > 10_000
+    assert keras.models.load_model(run_dir / "model.keras").count_params() == 199_210
 
 
 def test_same_seed_gives_the_same_rounds(tmp_path):

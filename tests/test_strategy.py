@@ -1,4 +1,5 @@
-"""ValidatedFedAvg on real Flower objects: weighted averaging and rejection of bad updates."""
+"""Flower's strategies wrapped in ValidatedStrategy, on real Flower objects: aggregation
+as each method defines it, and rejection of bad updates by every one of them."""
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from flwr.common import (
 from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
-from fl_app.strategy import ValidatedFedAvg, update_problem, weighted_average
+from fl_app.strategy import STRATEGIES, ValidatedStrategy, build_strategy, update_problem, weighted_average
 
 SHAPES = [(3, 2), (2,)]
 
@@ -21,13 +22,16 @@ def arrays(value: float) -> list[np.ndarray]:
     return [np.full(shape, value, dtype=np.float32) for shape in SHAPES]
 
 
-def start_round(num_clients: int, min_fit_clients: int = 2) -> tuple[ValidatedFedAvg, list]:
+def start_round(
+    num_clients: int, min_fit_clients: int = 2, name: str = "fedavg", **settings
+) -> tuple[ValidatedStrategy, list]:
     """A strategy that has configured round 1 for `num_clients` registered clients."""
     manager = SimpleClientManager()
     proxies = [GridClientProxy(node_id=i + 1, grid=None, run_id=0) for i in range(num_clients)]
     for proxy in proxies:
         manager.register(proxy)
-    strategy = ValidatedFedAvg(min_fit_clients=min_fit_clients, min_available_clients=num_clients)
+    strategy = build_strategy(name, settings, arrays(0.0), min_fit_clients=min_fit_clients,
+                              min_available_clients=num_clients)
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(arrays(0.0)), manager)
     assert len(instructions) == num_clients
     return strategy, proxies
@@ -93,3 +97,84 @@ def test_weighted_average_skips_identity_metrics():
     assert weighted_average([(1, {"acc": 1.0, "partition_id": 4}), (3, {"acc": 0.0, "partition_id": 9})]) == {
         "acc": 0.25
     }
+
+
+# Each strategy with the settings of its conf/strategy/<name>.yaml.
+SETTINGS = {
+    "fedavg": {},
+    "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.9},
+    "fedprox": {"proximal_mu": 0.01},
+    "fedadam": {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
+    "fedyogi": {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
+    "fedadagrad": {"eta": 0.01, "tau": 0.001},
+    "fedmedian": {},
+    "fedtrimmedavg": {"beta": 0.2},
+    "krum": {"num_malicious_clients": 0, "num_clients_to_keep": 0},
+}
+
+
+def test_every_configurable_strategy_is_covered_here():
+    assert set(SETTINGS) == set(STRATEGIES)
+
+
+def five_updates(rng):
+    return [[rng.normal(size=s).astype(np.float32) for s in SHAPES] for _ in range(5)]
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_strategy_drops_a_nan_update_and_aggregates_the_rest(name, caplog):
+    strategy, proxies = start_round(6, name=name, **SETTINGS[name])
+    updates = five_updates(np.random.default_rng(1))
+    results = [fit_result(p, u, 100, partition_id=i) for i, (p, u) in enumerate(zip(proxies, updates))]
+    nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
+    parameters, _ = strategy.aggregate_fit(1, [*results, fit_result(proxies[5], nan, 100)], [])
+    got = parameters_to_ndarrays(parameters)
+    assert [a.shape for a in got] == SHAPES and all(np.all(np.isfinite(a)) for a in got)
+    assert strategy.rounds[1]["clients_succeeded"] == 5 and "rejected update" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("fedmedian", lambda ups: np.median(ups, axis=0)),
+        # beta=0.2 of 5 updates: the largest and smallest value of each coordinate go.
+        ("fedtrimmedavg", lambda ups: np.sort(ups, axis=0)[1:-1].mean(axis=0)),
+        ("fedprox", lambda ups: np.mean(ups, axis=0)),  # the server side of FedProx is FedAvg
+    ],
+)
+def test_robust_aggregates_are_coordinate_wise(name, expected):
+    strategy, proxies = start_round(5, name=name, **SETTINGS[name])
+    updates = five_updates(np.random.default_rng(2))
+    results = [fit_result(p, u, 100, partition_id=i) for i, (p, u) in enumerate(zip(proxies, updates))]
+    got = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    for layer, array in enumerate(got):
+        np.testing.assert_allclose(array, expected(np.stack([u[layer] for u in updates])), rtol=1e-5)
+
+
+def test_krum_keeps_an_update_close_to_the_others_not_an_outlier():
+    strategy, proxies = start_round(5, name="krum", num_malicious_clients=1, num_clients_to_keep=0)
+    updates = [arrays(v) for v in (1.0, 1.1, 0.9, 1.05, 50.0)]  # the last one attacks
+    results = [fit_result(p, u, 100, partition_id=i) for i, (p, u) in enumerate(zip(proxies, updates))]
+    got = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    assert got[0].max() < 2.0
+
+
+def test_server_momentum_accumulates_across_rounds():
+    # FedAvgM from 0 towards updates at 1.0: lr 1, momentum 0.5 -> 1.0, then 1.0 + 1.5 = 2.5.
+    strategy, proxies = start_round(2, name="fedavgm", server_learning_rate=1.0, server_momentum=0.5)
+    results = [fit_result(p, arrays(1.0), 10, partition_id=i) for i, p in enumerate(proxies)]
+    first = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    assert np.allclose(first[0], 1.0)
+    results = [fit_result(p, arrays(2.0), 10, partition_id=i) for i, p in enumerate(proxies)]
+    strategy.rounds[2] = {"round": 2}
+    second = parameters_to_ndarrays(strategy.aggregate_fit(2, results, [])[0])
+    assert np.allclose(second[0], 2.5)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_server_optimisers_step_by_about_eta_towards_the_average(name):
+    # Adam-type steps have size ~eta per coordinate whatever the update's scale.
+    strategy, proxies = start_round(2, name=name, **SETTINGS[name])
+    results = [fit_result(p, arrays(5.0), 10, partition_id=i) for i, p in enumerate(proxies)]
+    got = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    assert np.all((got[0] > 0) & (got[0] < 0.1)), got[0]
