@@ -23,7 +23,7 @@ def _train(batch_size: int, threads: int, repeats: int, barrier, results) -> Non
     keras_model.limit_threads(threads)
     data = load_client_data("mnist", os.environ["FL_APP_DATA_DIR"], "iid", 0, 3, 0.0, 0)
     x, y = data.x_train[:TRAIN_SAMPLES], data.y_train[:TRAIN_SAMPLES]
-    model = keras_model.build_model("seed_cnn", "adam", "sparse_categorical_crossentropy", 1e-3)
+    model = keras_model.build_model("seed_cnn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 1e-3)
 
     def train() -> None:
         keras_model.train(model, x, y, epochs=1, batch_size=batch_size, learning_rate=1e-3, seed=0)

@@ -17,8 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 # Column order of metrics.csv; keys a round lacks stay empty.
 COLUMNS = (

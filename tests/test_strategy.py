@@ -13,7 +13,13 @@ from flwr.common import (
 from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
-from fl_app.strategy import STRATEGIES, ValidatedStrategy, build_strategy, update_problem, weighted_average
+from fl_app.strategy import (
+    STRATEGIES,
+    ValidatedStrategy,
+    build_strategy,
+    update_problem,
+    weighted_average,
+)
 
 SHAPES = [(3, 2), (2,)]
 
