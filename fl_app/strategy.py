@@ -159,7 +159,20 @@ class ValidatedStrategy(Strategy):
         valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
         parameters, metrics = self.strategy.aggregate_fit(server_round, valid, failures)
         record.update(metrics)
-        return parameters, metrics
+        return self._keep_dtypes(parameters), metrics
+
+    def _keep_dtypes(self, parameters: Parameters | None) -> Parameters | None:
+        """The aggregate in the global model's dtypes.
+
+        Flower's FedAdam scales by a float64 factor, so its aggregate comes back float64;
+        clients would then return float32 updates, and every one would be rejected.
+        """
+        if parameters is None:
+            return None
+        arrays = parameters_to_ndarrays(parameters)
+        if all(a.dtype == dtype for a, (_, dtype) in zip(arrays, self._expected)):
+            return parameters
+        return ndarrays_to_parameters([a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)])
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -56,7 +56,8 @@ def test_non_iid_run_with_another_strategy_stops_at_target_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     result = run_simulation_cli(
         "num_clients=5", "fraction_evaluate=0", "num_rounds=6",
-        "partitioner=pathological", "strategy=fedavgm", "strategy.server_momentum=0.5",
+        "partitioner=pathological", "strategy=fedavgm", "strategy.server_learning_rate=1.0",
+        "strategy.server_momentum=0.5",
         "model=mcmahan_2nn", "target_accuracy=0.6", f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
