@@ -17,6 +17,8 @@ from fl_app.config_schema import ConfigError
 from fl_app.data import DatasetError
 
 log = logging.getLogger("run_simulation")
+# Importing Flower sets up alembic (its state database), which logs each plugin at INFO.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _log_flower_through_hydra() -> None:
