@@ -36,6 +36,12 @@ def main(cfg: DictConfig) -> None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
         app_cfg = to_app_config(cfg)
+        if app_cfg.mode.name != "simulation":
+            raise ConfigError(
+                "mode",
+                f"run_simulation.py runs mode=simulation only; a {app_cfg.mode.name} run is "
+                "submitted with `flwr run . <connection>` (docs/deployment.md)",
+            )
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)

@@ -1,7 +1,8 @@
 """ClientApp: a Flower NumPyClient that trains the Keras model on one party's data.
 
 Each Flower worker process builds its Keras model once (`_worker_model`) and serves every
-virtual client it runs with it; each client loads only its own partition.
+virtual client it runs with it; each client loads only its own data: a partition of the
+configured dataset, or (deployment) the institution's own image folder.
 """
 
 from functools import lru_cache
@@ -14,14 +15,15 @@ from flwr.common import Context, NDArrays, Scalar
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
 from fl_app.config_schema import AppConfig, own_settings
-from fl_app.data import image_shape
-from fl_app.partition import ClientData, load_client_data
+from fl_app.data import DatasetError, image_shape
+from fl_app.partition import ClientData, load_client_data, load_own_images
 
 
 class KerasClient(NumPyClient):
     """One party: trains on its local split, evaluates on its held-out split."""
 
-    def __init__(self, model: keras.Model, data: ClientData, partition_id: int, cfg: AppConfig):
+    def __init__(self, model: keras.Model, data: ClientData, partition_id: int | None,
+                 cfg: AppConfig):
         self.model = model
         self.data = data
         self.partition_id = partition_id
@@ -35,7 +37,8 @@ class KerasClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         self.model.set_weights(parameters)
         # Same seed, round and party give the same batches: runs are reproducible.
-        seeds = np.random.SeedSequence([self.cfg.seed, int(config["server_round"]), self.partition_id])
+        party = [] if self.partition_id is None else [self.partition_id]
+        seeds = np.random.SeedSequence([self.cfg.seed, int(config["server_round"]), *party])
         metrics = keras_model.train(
             self.model,
             self.data.x_train,
@@ -46,7 +49,8 @@ class KerasClient(NumPyClient):
             seed=int(seeds.generate_state(1)[0]),
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
         )
-        metrics["partition_id"] = self.partition_id
+        if self.partition_id is not None:
+            metrics["partition_id"] = self.partition_id
         return self.model.get_weights(), len(self.data.x_train), metrics
 
     def evaluate(
@@ -70,19 +74,40 @@ def _worker_model(name: str, input_shape: tuple[int, int, int], optimizer: str, 
     return keras_model.build_model(name, input_shape, optimizer, loss, 1e-3, proximal)
 
 
-def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
-    """The client of the node in `context`: its partition and the worker's model."""
-    partition_id = int(context.node_config["partition-id"])
-    data = load_client_data(
+def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData:
+    """The node's local data: its own image folder (node config `image-dir`, deployment)
+    or one partition of the configured dataset (`partition-id`, `num-partitions`)."""
+    if "image-dir" in node_config:
+        return load_own_images(
+            str(node_config["image-dir"]), cfg.dataset.name, cfg.dataset.val_fraction, cfg.seed
+        )
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise DatasetError(
+            f"node config {dict(node_config)} names no local data: give the SuperNode "
+            "--node-config 'image-dir=\"PATH\"' (its own images, one folder per class) or "
+            f"'partition-id=I num-partitions=N' (partition I of {cfg.dataset.name})"
+        )
+    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if not 0 <= partition_id < num_partitions:
+        raise DatasetError(
+            f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
+            f"(num-partitions={num_partitions})"
+        )
+    return load_client_data(
         cfg.dataset.name,
         cfg.dataset.data_dir,
         cfg.partitioner.name,
         partition_id,
-        int(context.node_config["num-partitions"]),
+        num_partitions,
         cfg.dataset.val_fraction,
         cfg.seed,
         **own_settings(cfg.partitioner),
     )
+
+
+def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
+    """The client of the node in `context`: its local data and the worker's model."""
+    data = load_node_data(context.node_config, cfg)
     model = _worker_model(
         cfg.model.name,
         image_shape(cfg.dataset.name),
@@ -91,6 +116,8 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
         cfg.mode.num_cpus_per_client,
         proximal=cfg.strategy.name == "fedprox",  # the proximal term in the clients' loss
     )
+    partition_id = context.node_config.get("partition-id")  # none for a node's own images
+    partition_id = None if partition_id is None else int(partition_id)
     return KerasClient(model, data, partition_id, cfg).to_client()
 
 

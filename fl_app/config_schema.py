@@ -29,7 +29,8 @@ STRATEGIES = {
     "fedtrimmedavg": ("beta",),
     "krum": ("num_malicious_clients", "num_clients_to_keep"),
 }
-MODES = ("simulation",)
+MODES = ("simulation", "deployment")
+SIMULATION_ONLY = ("num_gpus_per_client", "ray_address")  # mode settings of the Ray engine
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("sparse_categorical_crossentropy",)
 
@@ -86,10 +87,12 @@ class StrategyConfig:
 
 @dataclass
 class ModeConfig:
+    """simulation: Flower's Ray engine on this machine; deployment: real SuperNodes."""
+
     name: str
-    num_cpus_per_client: int
-    num_gpus_per_client: float
-    ray_address: str | None
+    num_cpus_per_client: int  # TensorFlow threads of each client (and its Ray CPUs)
+    num_gpus_per_client: float | None = None  # simulation only
+    ray_address: str | None = None  # simulation only; None there: a private Ray
 
 
 @dataclass
@@ -189,6 +192,17 @@ def _check_settings(cfg: AppConfig) -> None:
     _in_range("strategy.num_clients_to_keep", strat.num_clients_to_keep, 0, inf)
 
 
+def _check_mode(mode: ModeConfig) -> None:
+    if mode.name == "deployment":
+        for key in SIMULATION_ONLY:
+            if getattr(mode, key) is not None:
+                raise ConfigError(f"mode.{key}", "applies to mode simulation only; remove it")
+    elif mode.num_gpus_per_client is None or mode.num_gpus_per_client < 0:
+        raise ConfigError(
+            "mode.num_gpus_per_client", f"got {mode.num_gpus_per_client}, must be a number >= 0"
+        )
+
+
 def validate(cfg: AppConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`."""
     _one_of("dataset.name", cfg.dataset.name, DATASETS)
@@ -210,10 +224,7 @@ def validate(cfg: AppConfig) -> None:
         raise ConfigError("dataset.val_fraction", f"got {cfg.dataset.val_fraction}, must be < 1")
     if cfg.learning_rate <= 0:
         raise ConfigError("learning_rate", f"got {cfg.learning_rate}, must be a number > 0")
-    if cfg.mode.num_gpus_per_client < 0:
-        raise ConfigError(
-            "mode.num_gpus_per_client", f"got {cfg.mode.num_gpus_per_client}, must be >= 0"
-        )
+    _check_mode(cfg.mode)
     for key in ("min_fit_clients", "min_evaluate_clients"):
         if getattr(cfg, key) > cfg.num_clients:
             raise ConfigError(

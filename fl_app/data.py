@@ -68,6 +68,7 @@ class DatasetSpec:
     base_url: str
     md5: Mapping[str, str]
     image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]  # label i is class_names[i]; also the folder names of own images
     file_format: str = "idx"
 
 
@@ -83,6 +84,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
         image_shape=(28, 28, 1),
+        class_names=tuple(str(digit) for digit in range(10)),
     ),
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
@@ -95,6 +97,8 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         image_shape=(28, 28, 1),
+        class_names=("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                     "sneaker", "bag", "ankle_boot"),
     ),
     "cifar10": DatasetSpec(
         name="cifar10",
@@ -102,6 +106,8 @@ DATASETS: dict[str, DatasetSpec] = {
         base_url="https://www.cs.toronto.edu/~kriz/",
         md5={CIFAR_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
         image_shape=(32, 32, 3),
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"),
         file_format="cifar",
     ),
 }
@@ -125,6 +131,11 @@ def load_dataset(
 def image_shape(name: str) -> tuple[int, int, int]:
     """(H, W, C) of the dataset's images: lets the model be built without reading data."""
     return _spec(name).image_shape
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """The dataset's class names, in label order."""
+    return _spec(name).class_names
 
 
 def _spec(name: str) -> DatasetSpec:

@@ -4,7 +4,8 @@ A partitioner maps the training labels to one index array per party; a party the
 materialises only its own rows. The splitting itself is done by `flwr-datasets`
 partitioners, run on a table of (label, row index) so that they never touch images.
 The dataset and the split are computed once per process and cached, so a worker
-serving many virtual clients reads the files once.
+serving many virtual clients reads the files once. In deployment a party may instead
+bring its own image folder (`load_own_images`).
 """
 
 import warnings
@@ -20,7 +21,8 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
-from fl_app.data import NUM_CLASSES, load_dataset, scale_images
+from fl_app.data import NUM_CLASSES, DatasetError, class_names, image_shape, load_dataset, scale_images
+from fl_app.image_folder import load_image_folder
 
 datasets.disable_progress_bars()  # a bar per partition would drown the run's log
 
@@ -153,13 +155,33 @@ def load_client_data(
 ) -> ClientData:
     """One party's training rows, split (seeded) into local train and held-out parts."""
     rows = load_split(name, data_dir, partitioner, num_partitions, seed, **params).rows(partition_id)
-    shuffled = np.random.default_rng([seed, partition_id]).permutation(rows)
+    x_train, y_train = _cached_dataset(name, data_dir)[:2]
+    return _hold_out(x_train, y_train, rows, val_fraction, [seed, partition_id])
+
+
+@lru_cache(maxsize=1)
+def load_own_images(folder: str, name: str, val_fraction: float, seed: int) -> ClientData:
+    """A party's own image folder (deployment) as dataset `name`'s classes and input shape,
+    split (seeded) into local train and held-out parts. Read once per process."""
+    images, labels = load_image_folder(folder, class_names(name), image_shape(name))
+    data = _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed])
+    if not len(data.y_train):
+        raise DatasetError(
+            f"{folder}: its {len(labels)} image(s) leave none to train on after holding out "
+            f"dataset.val_fraction={val_fraction}"
+        )
+    return data
+
+
+def _hold_out(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, val_fraction: float,
+              seed: list[int]) -> ClientData:
+    """A seeded `val_fraction` of `rows` held out for evaluation, the rest for training."""
+    shuffled = np.random.default_rng(seed).permutation(rows)
     num_val = int(round(len(shuffled) * val_fraction))
     train_idx, val_idx = np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
-    x_train, y_train = _cached_dataset(name, data_dir)[:2]
     return ClientData(
-        scale_images(x_train[train_idx]),
-        y_train[train_idx],
-        scale_images(x_train[val_idx]),
-        y_train[val_idx],
+        scale_images(images[train_idx]),
+        labels[train_idx],
+        scale_images(images[val_idx]),
+        labels[val_idx],
     )

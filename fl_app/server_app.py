@@ -97,7 +97,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     checkpoint = _start_or_resume(cfg, outputs)
     x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
     outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    record_partitions(cfg, outputs)
+    if cfg.mode.name == "simulation":  # in deployment only the partners know their data
+        record_partitions(cfg, outputs)
     model = keras_model.build_model(
         cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate
     )

@@ -69,6 +69,15 @@ def update_problem(
     return None
 
 
+def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    """What a failed client reported: its error reply (e.g. the ClientApp's exception)."""
+    if isinstance(failure, BaseException):
+        error = failure.args[0] if failure.args else failure  # Flower wraps the reply's Error
+        return str(getattr(error, "reason", None) or error)
+    proxy, res = failure
+    return f"client {proxy.cid}: {res.status.message}"
+
+
 # conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -131,6 +140,8 @@ class ValidatedStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for failure in failures:
+            log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
         valid = []
         for proxy, res in results:
             problem = update_problem(
@@ -196,6 +207,8 @@ class ValidatedStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        for failure in failures:
+            log(WARNING, "Round %s: a client failed to evaluate: %s", server_round, failure_reason(failure))
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         if loss is not None:
             self.rounds[server_round].update(

@@ -45,3 +45,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_image_folder(root: Path, images, labels, size: tuple[int, int] | None = None,
+                       mode: str = "L", suffix: str = ".png") -> Path:
+    """Write uint8 (N, H, W, 1) images as files root/<label>/<i><suffix>, one folder per
+    class 0..9 (empty ones too), optionally resized and converted (e.g. "RGB")."""
+    from PIL import Image
+
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        picture = Image.fromarray(image[..., 0], "L").convert(mode)
+        if size:
+            picture = picture.resize(size)
+        picture.save(root / str(int(label)) / f"{i:06d}{suffix}")  # sorted = written order
+    return root

@@ -62,6 +62,8 @@ def test_bad_value_names_key_and_allowed_values(override, key, allowed):
         (["strategy=fedtrimmedavg", "strategy.beta=0.5"], "strategy.beta", "(0, 0.5)"),
         (["strategy=fedadam", "strategy.proximal_mu=0.1"], "strategy.proximal_mu",
          "does not apply to strategy fedadam"),
+        (["mode=deployment", "+mode.ray_address=auto"], "mode.ray_address", "simulation only"),
+        (["mode.num_gpus_per_client=-1"], "mode.num_gpus_per_client", ">= 0"),
     ],
 )
 def test_bad_partitioner_or_strategy_setting_names_key(overrides, key, allowed):
@@ -97,6 +99,14 @@ def test_cli_fails_before_training_and_writes_only_the_log(tmp_path):
     assert result.returncode != 0
     assert "fraction_fit" in result.stdout + result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["run_simulation.log"]
+
+
+def test_deployment_mode_composes_and_run_simulation_refuses_it(tmp_path):
+    cfg = compose_config(["mode=deployment"])
+    assert (cfg.mode.name, cfg.mode.ray_address, cfg.mode.num_gpus_per_client) == ("deployment", None, None)
+    result = run_simulation_cli("mode=deployment", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2
+    assert "flwr run . <connection>" in result.stdout + result.stderr
 
 
 def test_cli_rejects_unknown_dataset_group(tmp_path):

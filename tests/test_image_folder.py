@@ -1,0 +1,95 @@
+"""A party's own image folder: conversion to the model's input, and every kind of bad folder."""
+
+import re
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from PIL import Image
+
+from fl_app.data import DatasetError, class_names, load_dataset
+from fl_app.image_folder import load_image_folder
+from fl_app.partition import load_own_images
+
+MNIST_CLASSES = class_names("mnist")
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    x, y = load_dataset("mnist", data_root)[2:]
+    return x[:40], y[:40]
+
+
+def test_images_of_any_size_and_colour_become_model_input(tmp_path, digits):
+    x, y = digits
+    write_image_folder(tmp_path / "grey", x, y)
+    write_image_folder(tmp_path / "colour", x, y, size=(64, 48), mode="RGB", suffix=".jpg")
+
+    images, labels = load_image_folder(tmp_path / "grey", MNIST_CLASSES, (28, 28, 1))
+    order = np.lexsort((np.arange(len(y)), y))  # files are read class by class
+    assert images.dtype == np.uint8 and images.shape == (40, 28, 28, 1)
+    np.testing.assert_array_equal(np.sort(labels), np.sort(y))
+    assert np.array_equal(images, x[order])  # PNG round trip is lossless
+
+    colour, colour_labels = load_image_folder(tmp_path / "colour", MNIST_CLASSES, (28, 28, 1))
+    assert colour.shape == (40, 28, 28, 1)
+    np.testing.assert_array_equal(colour_labels, labels)
+    # Resized and JPEG-compressed, then brought back: close to the originals, not equal.
+    assert np.abs(colour.astype(int) - x[order].astype(int)).mean() < 20
+
+    rgb, _ = load_image_folder(tmp_path / "grey", MNIST_CLASSES, (32, 32, 3))
+    assert rgb.shape == (40, 32, 32, 3)
+
+
+def test_other_files_and_hidden_entries_are_ignored(tmp_path, digits):
+    root = write_image_folder(tmp_path / "own", *digits)
+    (root / "README.txt").write_text("about these images")
+    (root / "3" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()
+    assert len(load_image_folder(root, MNIST_CLASSES, (28, 28, 1))[1]) == 40
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda root: (root / "cats").mkdir(), "unknown class folder(s) cats"),
+        (lambda root: (root / "7").rename(root.parent / "seven"), "no folder for class(es) 7"),
+        (lambda root: (root / "2" / "broken.png").write_bytes(b"\x89PNG not really"),
+         "broken.png: cannot be read as an image"),
+    ],
+    ids=["unknown class", "missing class", "unreadable image"],
+)
+def test_bad_folders_say_what_and_where(tmp_path, digits, damage, fragment):
+    root = write_image_folder(tmp_path / "own", *digits)
+    damage(root)
+    with pytest.raises(DatasetError, match=re.escape(fragment)) as err:
+        load_image_folder(root, MNIST_CLASSES, (28, 28, 1))
+    assert str(root) in str(err.value)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_image_folder(tmp_path / "nowhere", MNIST_CLASSES, (28, 28, 1))
+    for name in MNIST_CLASSES:
+        (tmp_path / "empty" / name).mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images"):
+        load_image_folder(tmp_path / "empty", MNIST_CLASSES, (28, 28, 1))
+
+
+def test_class_set_of_another_dataset_is_refused(tmp_path, digits):
+    root = write_image_folder(tmp_path / "own", *digits)
+    with pytest.raises(DatasetError, match="unknown class folder.*airplane, automobile"):
+        load_image_folder(root, class_names("cifar10"), (32, 32, 3))
+
+
+def test_own_images_are_split_into_train_and_held_out(tmp_path, digits):
+    root = write_image_folder(tmp_path / "own", *digits)
+    data = load_own_images(str(root), "mnist", 0.25, 7)
+    assert (len(data.y_train), len(data.y_val)) == (30, 10)
+    assert data.x_train.dtype == np.float32 and data.x_train.max() <= 1.0
+    np.testing.assert_array_equal(np.sort(np.concatenate([data.y_train, data.y_val])), np.sort(digits[1]))
+
+    one = tmp_path / "one"
+    write_image_folder(one, *(a[:1] for a in digits))
+    with pytest.raises(DatasetError, match="leave none to train on"):
+        load_own_images(str(one), "mnist", 0.9, 7)
