@@ -10,6 +10,7 @@ from functools import lru_cache
 import keras
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
+from flwr.clientapp.typing import Mod
 from flwr.common import Context, NDArrays, Scalar
 
 from fl_app import model as keras_model
@@ -121,13 +122,14 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     return KerasClient(model, data, partition_id, cfg).to_client()
 
 
-def build_client_app(cfg: AppConfig | None = None) -> ClientApp:
-    """A ClientApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's."""
+def build_client_app(cfg: AppConfig | None = None, mods: tuple[Mod, ...] = ()) -> ClientApp:
+    """A ClientApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's,
+    with Flower client `mods` around it (they see every message in and reply out)."""
 
     def client_fn(context: Context) -> NumPyClient:
         return make_client(context, cfg or from_run_config(context.run_config))
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=list(mods))
 
 
 app = build_client_app()

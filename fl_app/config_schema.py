@@ -116,6 +116,7 @@ class AppConfig:
     eval_every: int
     eval_batch_size: int
     target_accuracy: float | None
+    round_timeout: float | None
     seed: int
     output_dir: str | None
     resume: bool
@@ -238,5 +239,7 @@ def validate(cfg: AppConfig) -> None:
         )
     if cfg.target_accuracy is not None:
         _fraction("target_accuracy", cfg.target_accuracy, allow_zero=False)
+    if cfg.round_timeout is not None and cfg.round_timeout <= 0:
+        raise ConfigError("round_timeout", f"got {cfg.round_timeout}, must be null or seconds > 0")
     if cfg.resume and not cfg.output_dir:
         raise ConfigError("output_dir", "must name the run to continue when resume=true")

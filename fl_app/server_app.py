@@ -129,7 +129,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         },
     )
     recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy)
-    workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder)
+    workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout)
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 
     model.set_weights(recorder.weights)

@@ -152,9 +152,12 @@ class ValidatedStrategy(Strategy):
             else:
                 valid.append((proxy, res))
         record = self.rounds[server_round]
+        silent = record["clients_sampled"] - len(results) - len(failures)
+        if silent:
+            log(WARNING, "Round %s: %s client(s) did not reply within round_timeout", server_round, silent)
         record["clients_succeeded"] = len(valid)
         record["train_examples"] = sum(res.num_examples for _, res in valid)
-        record["clients_failed"] = len(failures) + len(results) - len(valid)
+        record["clients_failed"] = record["clients_sampled"] - len(valid)
         if len(valid) < self.min_fit_clients:
             log(
                 WARNING,

@@ -6,6 +6,8 @@ be saved per round. This loop is the same sequence of Flower's own per-round wor
 (fit, centralised evaluation, federated evaluation) on a `LegacyContext`, but it starts
 from given weights at a given round and calls back after every round. The fit step is
 pluggable exactly as in DefaultWorkflow, so `SecAggPlusWorkflow` slots in unchanged.
+Flower's per-round workflows wait for replies without a deadline; `round_timeout` gives
+them one, so a node that hangs (alive, heartbeating, never answering) cannot stall a round.
 """
 
 import time
@@ -29,6 +31,23 @@ from flwr.serverapp import Grid
 RoundEndFn = Callable[[int, list[np.ndarray], float], bool]
 
 
+class DeadlineGrid:
+    """The run's grid, with every send-and-receive cut off after `timeout` seconds.
+
+    Replies that miss the deadline are left out; the strategy counts them as failed.
+    """
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self.grid = grid
+        self.timeout = timeout
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return self.grid.send_and_receive(messages, timeout=timeout or self.timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+
 class ResumableWorkflow:
     """Run rounds `first_round..num_rounds` starting from `weights`."""
 
@@ -37,18 +56,22 @@ class ResumableWorkflow:
         weights: list[np.ndarray],
         first_round: int,
         on_round_end: RoundEndFn,
+        round_timeout: float | None = None,
         fit_workflow: Workflow = default_fit_workflow,
         evaluate_workflow: Workflow = default_evaluate_workflow,
     ) -> None:
         self.weights = weights
         self.first_round = first_round
         self.on_round_end = on_round_end
+        self.round_timeout = round_timeout
         self.fit_workflow = fit_workflow
         self.evaluate_workflow = evaluate_workflow
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
         registered.wait()
+        if self.round_timeout is not None:
+            grid = DeadlineGrid(grid, self.round_timeout)
         try:
             context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(self.weights)
             loop_config = ConfigRecord({Key.START_TIME: time.perf_counter()})

@@ -37,6 +37,7 @@ def test_defaults_are_the_documented_main_job():
         ("+partitioner.alpha=0.1", "partitioner.alpha", "does not apply to partitioner iid"),
         ("strategy.name=fedprox", "strategy.proximal_mu", "strategy fedprox needs it"),
         ("target_accuracy=1.5", "target_accuracy", "(0, 1]"),
+        ("round_timeout=0", "round_timeout", "null or seconds > 0"),
         ("dataset.val_fraction=1.0", "dataset.val_fraction", "< 1"),
         ("+unknown_key=1", "unknown_key", "known keys here: dataset"),
         ("+dataset.colour=1", "dataset.colour", "known keys here: name, data_dir"),

@@ -1,6 +1,8 @@
 """A party's own image folder: conversion to the model's input, and every kind of bad folder."""
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +95,22 @@ def test_own_images_are_split_into_train_and_held_out(tmp_path, digits):
     write_image_folder(one, *(a[:1] for a in digits))
     with pytest.raises(DatasetError, match="leave none to train on"):
         load_own_images(str(one), "mnist", 0.9, 7)
+
+
+def test_check_node_reports_a_good_folder_and_stops_on_a_bad_one(tmp_path, digits):
+    root = write_image_folder(tmp_path / "own", *digits)
+
+    def check(node_config):
+        return subprocess.run(
+            [sys.executable, "-m", "fl_app.check_node", "--node-config", node_config,
+             "--overrides", "dataset.val_fraction=0.25"],
+            capture_output=True, text=True, timeout=300,
+        )
+
+    good = check(f'image-dir="{root}"')
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "OK: 30 training and 10 held-out images" in good.stdout
+    (root / "4" / "torn.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    bad = check(f'image-dir="{root}"')
+    assert bad.returncode == 1 and f"{root / '4' / 'torn.jpg'}: cannot be read" in bad.stderr
+    assert "names no local data" in check("foo=1").stderr

@@ -140,3 +140,14 @@ def test_corrupt_data_file_stops_the_run_naming_the_file(tmp_path, data_root):
     assert result.returncode != 0
     assert f"{data / 'train-images-idx3-ubyte.gz'}: not a valid gzip file" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == ["run_simulation.log"]
+
+
+def test_round_timeout_counts_late_clients_as_failed_and_keeps_the_model(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli("num_clients=2", "fraction_evaluate=0", "num_rounds=1",
+                                "round_timeout=0.001", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_metrics(run_dir)
+    assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (2, 0, 2)
+    assert record["status"] == "failed"
+    assert "2 client(s) did not reply within round_timeout" in (run_dir / "run_simulation.log").read_text()

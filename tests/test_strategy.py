@@ -3,13 +3,16 @@ as each method defines it, and rejection of bad updates by every one of them."""
 
 import numpy as np
 import pytest
+from flwr.app import Error
 from flwr.common import (
     Code,
     FitRes,
+    Parameters,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import ErrorCode
 from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
@@ -99,6 +102,19 @@ def test_round_with_too_few_valid_updates_keeps_the_model_and_is_marked_failed()
     assert strategy.rounds[1]["clients_failed"] == 2
 
 
+def test_failed_and_silent_clients_are_counted_and_logged_with_their_reason(caplog):
+    strategy, proxies = start_round(4, min_fit_clients=1)
+    crashed = Exception(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "DatasetError: no images in /data"))
+    refused = (proxies[1], FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "no fit here"), Parameters([], ""), 0, {}))
+    # proxies[2] never replies (its round_timeout expired): neither a result nor a failure.
+    parameters, _ = strategy.aggregate_fit(1, [fit_result(proxies[3], arrays(1.0), 10)], [crashed, refused])
+    assert parameters is not None
+    assert strategy.rounds[1]["clients_succeeded"] == 1 and strategy.rounds[1]["clients_failed"] == 3
+    assert "failed to train: DatasetError: no images in /data" in caplog.text
+    assert f"client {proxies[1].cid}: no fit here" in caplog.text
+    assert "1 client(s) did not reply within round_timeout" in caplog.text
+
+
 def test_weighted_average_skips_identity_metrics():
     assert weighted_average([(1, {"acc": 1.0, "partition_id": 4}), (3, {"acc": 0.0, "partition_id": 9})]) == {
         "acc": 0.25
@@ -172,7 +188,7 @@ def test_server_momentum_accumulates_across_rounds():
     first = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
     assert np.allclose(first[0], 1.0)
     results = [fit_result(p, arrays(2.0), 10, partition_id=i) for i, p in enumerate(proxies)]
-    strategy.rounds[2] = {"round": 2}
+    strategy.rounds[2] = {"round": 2, "clients_sampled": 2}
     second = parameters_to_ndarrays(strategy.aggregate_fit(2, results, [])[0])
     assert np.allclose(second[0], 2.5)
 

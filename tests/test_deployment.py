@@ -1,0 +1,181 @@
+"""Real deployments on 127.0.0.1: a `flower-superlink` and `flower-supernode`s started as
+partners start them (TLS, registered keys), runs submitted with `flwr run`, and the faults
+a federation must survive. Each test has its own SuperLink, keys and ports, and stops
+every process it started, even on failure."""
+
+import json
+import shutil
+import signal
+import time
+
+import pytest
+from conftest import REPO, write_image_folder
+
+from fl_app.data import load_dataset
+from fl_app.local_federation import FederationError, LocalFederation
+
+# Small data keeps rounds short: each partition node holds 1/20 of MNIST's training set.
+NODE = "partition-id={} num-partitions=20"
+RUN = "mode=deployment num_rounds={rounds} num_clients={nodes} fraction_evaluate=0 min_evaluate_clients=0"
+
+
+@pytest.fixture
+def federation(tmp_path):
+    with LocalFederation(tmp_path / "federation") as federation:
+        federation.start_superlink()
+        yield federation
+
+
+def start_nodes(federation, **node_configs):
+    for name, node_config in node_configs.items():
+        federation.register(name)
+        federation.start_node(name, node_config)
+
+
+def metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    x_train, y_train = load_dataset("mnist", data_root)[:2]
+    return x_train[-1000:], y_train[-1000:]  # rows no partition node above holds
+
+
+def test_partners_train_over_tls_one_with_its_own_images_one_with_bad_data(federation, tmp_path, digits):
+    own = write_image_folder(tmp_path / "hospital", *digits, size=(36, 36), mode="RGB")
+    bad = write_image_folder(tmp_path / "lab", *(a[:20] for a in digits))
+    (bad / "cat").mkdir()  # a class the federation does not have
+    start_nodes(federation, a=NODE.format(0), b=f'image-dir="{own}"', c=f'image-dir="{bad}"')
+    out = tmp_path / "out"
+    log = federation.run(
+        f"mode=deployment num_rounds=2 num_clients=3 min_fit_clients=2 fraction_evaluate=1.0 "
+        f"min_evaluate_clients=2 output_dir={out}"
+    )
+    history = metrics(out)
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
+    assert history[-1]["test_accuracy"] > 0.8, history[-1]
+    assert "eval_accuracy" in history[-1]  # both good nodes evaluated on their held-out images
+    # The coordinator sees why the third partner failed; its data never reached training.
+    assert "a client failed to train" in log and "unknown class folder(s) cat" in log
+    names = {p.name for p in out.iterdir()}
+    assert {"model.keras", "metrics.png", "checkpoint.npz"} <= names
+    assert "partitions.json" not in names  # in deployment the server does not know the data
+    assert "name: deployment" in (out / "config.yaml").read_text()
+
+
+def test_unregistered_or_plaintext_nodes_are_refused(federation):
+    federation.register("known")
+    nodes = {
+        "stranger": federation.start_node("stranger", NODE.format(0), wait=False),
+        "plaintext": federation.start_node("plaintext", NODE.format(1), tls=False, wait=False,
+                                           extra=("--max-retries", "2")),
+        "plaintext_known": federation.start_node("known", NODE.format(2), tls=False, wait=False),
+    }
+    for name, process in nodes.items():
+        assert process.wait(timeout=120) != 0, name
+        assert "SuperNode ID" not in federation.log(name if name != "plaintext_known" else "known"), name
+    assert "Failed to activate SuperNode" in federation.log("stranger")
+    listed = json.loads(federation.flwr("supernode", "list", "local-tls", "--format", "json").stdout)
+    assert len(listed["nodes"]) == 1  # only the registered key
+
+
+def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation, tmp_path):
+    start_nodes(federation, a=NODE.format(0), b=NODE.format(1))
+    out = tmp_path / "out"
+    run = federation.submit(RUN.format(rounds=5, nodes=2) + f" min_fit_clients=1 local_epochs=3 output_dir={out}")
+    try:
+        wait_until(lambda: "Start `flwr-clientapp` process" in federation.log("b"), 240, "b to train")
+        federation.stop("b", signal.SIGKILL)
+        # Round 1 ends with a's update alone once the SuperLink gives b up (missed heartbeats);
+        # only then is b's key free to connect again.
+        wait_until(lambda: (out / "metrics.json").exists(), 240, "round 1 to end")
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                federation.start_node("b", NODE.format(1))
+                break
+            except FederationError:  # still counted online: refused, try again
+                assert time.monotonic() < deadline, federation.log("b")
+                time.sleep(3)
+        assert run.wait(timeout=600) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+    history = metrics(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    assert (history[0]["clients_succeeded"], history[0]["clients_failed"]) == (1, 1)
+    assert history[0]["status"] == "ok"  # min_fit_clients=1 reply was enough
+    assert any(r["clients_succeeded"] == 2 for r in history[1:]), history  # b is back
+    assert "a client failed to train" in federation.log("run")
+
+
+def test_superlink_killed_between_rounds_resumes_from_the_last_checkpoint(federation, tmp_path):
+    start_nodes(federation, a=NODE.format(0), b=NODE.format(1))
+    out = tmp_path / "out"
+    overrides = RUN.format(rounds=3, nodes=2) + f" min_fit_clients=2 output_dir={out}"
+    run = federation.submit(overrides)
+    try:
+        wait_until(lambda: (out / "metrics.json").exists(), 300, "round 1 to end")
+        federation.stop("superlink", signal.SIGKILL)  # with it, the ServerApp it runs
+    finally:
+        run.kill()
+    before = metrics(out)
+    assert len(before) in (1, 2)
+
+    federation.start_superlink()  # same port and state database; the nodes reconnect
+    log = federation.run(overrides + " resume=true")
+    history = metrics(out)
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert history[: len(before)] == before  # completed rounds are kept, not redone
+    assert f"after round {len(before)}" in log
+    assert history[-1]["test_accuracy"] > history[0]["test_accuracy"]
+
+
+CORRUPTING_APP = '''
+"""fl_app's ClientApp plus a mod that turns the update of nodes with corrupt=true into NaN."""
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fl_app.client_app import build_client_app
+
+
+def nan_update(message, context, call_next):
+    reply = call_next(message, context)
+    if context.node_config.get("corrupt") and reply.has_content():
+        for key, record in list(reply.content.array_records.items()):
+            arrays = [np.full_like(a, np.nan) for a in record.to_numpy_ndarrays()]
+            reply.content.array_records[key] = ArrayRecord(arrays)
+    return reply
+
+
+app = build_client_app(mods=(nan_update,))
+'''
+
+
+def test_malformed_update_from_a_node_is_rejected(federation, tmp_path):
+    # The same app, but its ClientApp corrupts the updates of one node, as a faulty or
+    # malicious partner would: the strategy's validation must keep them out.
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "fl_app", app / "fl_app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", app / "conf")
+    (app / "corrupting_client.py").write_text(CORRUPTING_APP)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(pyproject.replace('"fl_app.client_app:app"', '"corrupting_client:app"'))
+    start_nodes(federation, a=NODE.format(0), b=NODE.format(1) + " corrupt=true")
+    out = tmp_path / "out"
+    log = federation.run(RUN.format(rounds=2, nodes=2) + f" min_fit_clients=1 output_dir={out}", app_dir=app)
+    history = metrics(out)
+    for record in history:
+        assert (record["clients_succeeded"], record["clients_failed"], record["status"]) == (1, 1, "ok")
+    assert "rejected update" in log and "NaN or Inf" in log
+    assert history[-1]["test_accuracy"] > 0.8  # the global model was never poisoned
