@@ -10,12 +10,19 @@ from functools import lru_cache
 import keras
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
-from flwr.clientapp.typing import Mod
-from flwr.common import Context, NDArrays, Scalar
+from flwr.client.mod import (
+    LocalDpMod,
+    adaptiveclipping_mod,
+    fixedclipping_mod,
+    make_ffn,
+    secaggplus_mod,
+)
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Context, Message, NDArrays, Scalar
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
-from fl_app.config_schema import AppConfig, own_settings
+from fl_app.config_schema import AppConfig, PrivacyConfig, own_settings
 from fl_app.data import DatasetError, image_shape
 from fl_app.partition import ClientData, load_client_data, load_own_images
 
@@ -122,14 +129,35 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     return KerasClient(model, data, partition_id, cfg).to_client()
 
 
+def privacy_mods(privacy: PrivacyConfig) -> list[Mod]:
+    """Flower's client mods for the configured privacy, outermost first: SecAgg+ masks what
+    the clipping mod returns (Flower's required order), local DP noises the update itself."""
+    mods: list[Mod] = [secaggplus_mod] if privacy.secagg else []
+    if privacy.dp == "client_fixed":
+        mods.append(fixedclipping_mod)
+    elif privacy.dp == "client_adaptive":
+        mods.append(adaptiveclipping_mod)
+    elif privacy.dp == "local":
+        clip = privacy.clipping_norm
+        mods.append(LocalDpMod(clip, clip, privacy.local_epsilon, privacy.delta))
+    return mods
+
+
 def build_client_app(cfg: AppConfig | None = None, mods: tuple[Mod, ...] = ()) -> ClientApp:
     """A ClientApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's,
     with Flower client `mods` around it (they see every message in and reply out)."""
 
-    def client_fn(context: Context) -> NumPyClient:
-        return make_client(context, cfg or from_run_config(context.run_config))
+    def config_of(context: Context) -> AppConfig:
+        return cfg or from_run_config(context.run_config)
 
-    return ClientApp(client_fn=client_fn, mods=list(mods))
+    def client_fn(context: Context) -> NumPyClient:
+        return make_client(context, config_of(context))
+
+    def privacy(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # Chosen per message: under `flwr run` the config arrives with the message.
+        return make_ffn(call_next, privacy_mods(config_of(context).privacy))(message, context)
+
+    return ClientApp(client_fn=client_fn, mods=[*mods, privacy])
 
 
 app = build_client_app()

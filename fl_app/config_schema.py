@@ -31,6 +31,7 @@ STRATEGIES = {
 }
 MODES = ("simulation", "deployment")
 SIMULATION_ONLY = ("num_gpus_per_client", "ray_address")  # mode settings of the Ray engine
+DP_MODES = ("none", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive", "local")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("sparse_categorical_crossentropy",)
 
@@ -96,12 +97,33 @@ class ModeConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Secure aggregation (Flower's SecAgg+) and differential privacy (Flower's DP
+    wrappers and mods); conf/privacy/none.yaml documents every key."""
+
+    secagg: bool
+    dp: str
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    target_epsilon: float | None
+    local_epsilon: float
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    secagg_max_weight: float
+    secagg_timeout: float | None
+
+
+@dataclass
 class AppConfig:
     dataset: DatasetConfig
     partitioner: PartitionerConfig
     model: ModelConfig
     strategy: StrategyConfig
     mode: ModeConfig
+    privacy: PrivacyConfig
     num_rounds: int
     num_clients: int
     fraction_fit: float
@@ -204,6 +226,36 @@ def _check_mode(mode: ModeConfig) -> None:
         )
 
 
+def _check_privacy(cfg: AppConfig) -> None:
+    privacy = cfg.privacy
+    _one_of("privacy.dp", privacy.dp, DP_MODES)
+    inf = float("inf")
+    _in_range("privacy.noise_multiplier", privacy.noise_multiplier, 0, inf, "()")
+    _in_range("privacy.clipping_norm", privacy.clipping_norm, 0, inf, "()")
+    _in_range("privacy.delta", privacy.delta, 0, 1, "()")
+    _in_range("privacy.target_epsilon", privacy.target_epsilon, 0, inf, "()")
+    _in_range("privacy.local_epsilon", privacy.local_epsilon, 0, inf, "()")
+    if privacy.target_epsilon is not None and not privacy.dp.endswith(("_fixed", "_adaptive")):
+        raise ConfigError("privacy.target_epsilon", "needs central DP (privacy.dp server_* or "
+                          f"client_*), got privacy.dp={privacy.dp}")
+    if not privacy.secagg:
+        return
+    if privacy.dp.startswith("server_"):
+        raise ConfigError("privacy.dp", f"got {privacy.dp}, but with SecAgg+ the server never sees "
+                          "one client's update to clip it: use client_fixed or client_adaptive")
+    _in_range("privacy.secagg_num_shares", privacy.secagg_num_shares, 3, inf)
+    _in_range("privacy.secagg_reconstruction_threshold", privacy.secagg_reconstruction_threshold,
+              2, privacy.secagg_num_shares)
+    _in_range("privacy.secagg_clipping_range", privacy.secagg_clipping_range, 0, inf, "()")
+    _in_range("privacy.secagg_quantization_range", privacy.secagg_quantization_range, 2, 2**31)
+    _in_range("privacy.secagg_max_weight", privacy.secagg_max_weight, 0, inf, "()")
+    _in_range("privacy.secagg_timeout", privacy.secagg_timeout, 0, inf, "()")
+    if cfg.min_fit_clients < privacy.secagg_reconstruction_threshold:
+        raise ConfigError("min_fit_clients", f"got {cfg.min_fit_clients}, must be >= "
+                          f"privacy.secagg_reconstruction_threshold "
+                          f"({privacy.secagg_reconstruction_threshold}) with SecAgg+")
+
+
 def validate(cfg: AppConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`."""
     _one_of("dataset.name", cfg.dataset.name, DATASETS)
@@ -226,6 +278,7 @@ def validate(cfg: AppConfig) -> None:
     if cfg.learning_rate <= 0:
         raise ConfigError("learning_rate", f"got {cfg.learning_rate}, must be a number > 0")
     _check_mode(cfg.mode)
+    _check_privacy(cfg)
     for key in ("min_fit_clients", "min_evaluate_clients"):
         if getattr(cfg, key) > cfg.num_clients:
             raise ConfigError(

@@ -20,26 +20,34 @@ from fl_app.config_schema import AppConfig, ConfigError, own_settings
 from fl_app.data import image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
 from fl_app.partition import load_split, load_test_set
+from fl_app.privacy import CENTRAL_DP, PrivacyBudget, fit_workflow, with_central_dp
 from fl_app.strategy import ValidatedStrategy, build_strategy
 from fl_app.workflow import ResumableWorkflow
 
 
 class RoundRecorder:
-    """After each round: log a progress line, write metrics, checkpoint atomically,
-    and end the run once the test accuracy reaches `target_accuracy` (if set)."""
+    """After each round: log a progress line, write metrics, checkpoint atomically, and end
+    the run once the test accuracy reaches `target_accuracy`, or once another round would
+    spend more than the privacy budget's target ε (if set)."""
 
     def __init__(self, outputs: RunOutputs, strategy: ValidatedStrategy, num_rounds: int,
-                 checkpoint: Checkpoint, target_accuracy: float | None) -> None:
+                 checkpoint: Checkpoint, target_accuracy: float | None,
+                 budget: PrivacyBudget | None = None) -> None:
         self.outputs = outputs
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.target_accuracy = target_accuracy
+        self.budget = budget
+        if budget is not None and checkpoint.round:
+            budget.spend(checkpoint.round)  # the rounds before a resume spent it too
         self.history = list(checkpoint.history)
         self.weights = checkpoint.weights
 
     def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> bool:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
         record["round_seconds"] = round(seconds, 3)
+        if self.budget is not None:
+            record["epsilon"] = self.budget.spend()
         self.history.append(record)
         self.weights = weights
         log(INFO, "%s", progress_line(record, self.num_rounds))
@@ -48,7 +56,12 @@ class RoundRecorder:
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
-        return reached
+        spent = self.budget is not None and self.budget.next_round_exceeds_target()
+        if spent and server_round < self.num_rounds:
+            log(INFO, "Stopping after round %s: another round would take epsilon above %s "
+                "(now %.3f at delta %s)", server_round, self.budget.target_epsilon,
+                record["epsilon"], self.budget.delta)
+        return reached or spent
 
 
 def progress_line(record: dict, num_rounds: int) -> str:
@@ -60,6 +73,7 @@ def progress_line(record: dict, num_rounds: int) -> str:
         f"clients {record.get('clients_succeeded', 0)}/{record.get('clients_sampled', 0)} trained"
         f" ({record.get('clients_failed', 0)} failed) | train loss {fmt('train_loss')} | "
         f"test loss {fmt('test_loss')} acc {fmt('test_accuracy')} | {record['round_seconds']:.1f} s"
+        + (f" | epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
     )
 
 
@@ -110,10 +124,16 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
         return loss, {"accuracy": accuracy}
 
+    # Flower's strategies sample this many clients a round (fraction_fit of num_clients).
+    num_sampled = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
+    central_dp = cfg.privacy.dp in CENTRAL_DP
     strategy = build_strategy(
         cfg.strategy.name,
         own_settings(cfg.strategy),
         checkpoint.weights,
+        wrap=lambda inner: with_central_dp(inner, cfg.privacy, num_sampled),
+        secure_aggregation=cfg.privacy.secagg,
+        equal_weights=central_dp,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,
@@ -128,8 +148,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
             "learning_rate": cfg.learning_rate,
         },
     )
-    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy)
-    workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout)
+    budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
+    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy, budget)
+    workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
+                                 fit_workflow=fit_workflow(cfg.privacy))
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 
     model.set_weights(recorder.weights)

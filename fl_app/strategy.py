@@ -7,6 +7,7 @@ bad ones are dropped and logged, a round left with fewer than `min_fit_clients` 
 updates keeps the global model unchanged, and every round is recorded for the history.
 """
 
+from collections.abc import Callable
 from logging import WARNING
 
 import numpy as np
@@ -78,6 +79,10 @@ def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExcep
     return f"client {proxy.cid}: {res.status.message}"
 
 
+def _counted_once(res: FitRes) -> FitRes:
+    return FitRes(res.status, res.parameters, 1, res.metrics)
+
+
 # conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -93,29 +98,45 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 
 
 def build_strategy(
-    name: str, settings: dict[str, Scalar], initial_weights: NDArrays, **common
+    name: str,
+    settings: dict[str, Scalar],
+    initial_weights: NDArrays,
+    *,
+    wrap: Callable[[Strategy], Strategy] = lambda strategy: strategy,
+    secure_aggregation: bool = False,
+    equal_weights: bool = False,
+    **common,
 ) -> "ValidatedStrategy":
     """Flower's strategy `name`, started from `initial_weights`, wrapped in validation.
 
     `common` are the keyword arguments all of them share (fractions, minimums,
     evaluate_fn, on_fit_config_fn, ...). Server-side optimisers (FedAvgM, FedAdam, ...)
     take their step from `initial_weights`, so a resumed run passes its checkpoint.
+    `wrap` puts another Flower wrapper (e.g. differential privacy) between the two.
     """
     common.setdefault("fit_metrics_aggregation_fn", weighted_average)
     common.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
     strategy = STRATEGIES[name](
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
-    return ValidatedStrategy(strategy)
+    return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation, equal_weights)
 
 
 class ValidatedStrategy(Strategy):
-    """A Flower strategy plus update validation and a per-round record (`rounds`)."""
+    """A Flower strategy plus update validation and a per-round record (`rounds`).
 
-    def __init__(self, strategy: FedAvg) -> None:
+    secure_aggregation: the results are SecAgg+'s (every client carries the same unmasked
+    sum, in float64), so only that sum can be checked. equal_weights: every valid update
+    counts once, not by its examples, as differential privacy's noise assumes.
+    """
+
+    def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
+                 equal_weights: bool = False) -> None:
         super().__init__()
         self.strategy = strategy
-        self.min_fit_clients = strategy.min_fit_clients
+        self.min_fit_clients = min_fit_clients
+        self.secure_aggregation = secure_aggregation
+        self.equal_weights = equal_weights
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
         self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
@@ -131,7 +152,11 @@ class ValidatedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(parameters)]
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
-        self.rounds[server_round] = {"round": server_round, "clients_sampled": len(instructions)}
+        sampled = len(instructions)
+        # Failed until aggregated (SecAgg+ may halt a round without aggregating).
+        self.rounds[server_round] = {"round": server_round, "clients_sampled": sampled,
+                                     "clients_succeeded": 0, "clients_failed": sampled,
+                                     "status": "failed"}
         return instructions
 
     def aggregate_fit(
@@ -142,17 +167,21 @@ class ValidatedStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         for failure in failures:
             log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
-        valid = []
+        if self.secure_aggregation:
+            results = [(proxy, self._in_expected_dtypes(res)) for proxy, res in results]
+        valid, rejected = [], []
         for proxy, res in results:
             problem = update_problem(
                 parameters_to_ndarrays(res.parameters), res.num_examples, self._expected
             )
             if problem:
                 log(WARNING, "Round %s: rejected update of client %s: %s", server_round, proxy.cid, problem)
+                rejected.append((proxy, res))
             else:
                 valid.append((proxy, res))
         record = self.rounds[server_round]
-        silent = record["clients_sampled"] - len(results) - len(failures)
+        # max: SecAgg+ may list one failed client twice.
+        silent = max(0, record["clients_sampled"] - len(results) - len(failures))
         if silent:
             log(WARNING, "Round %s: %s client(s) did not reply within round_timeout", server_round, silent)
         record["clients_succeeded"] = len(valid)
@@ -166,14 +195,27 @@ class ValidatedStrategy(Strategy):
                 len(valid),
                 self.min_fit_clients,
             )
-            record["status"] = "failed"
             return None, {}
-        record["status"] = "ok"
+        if self.equal_weights:
+            valid = [(proxy, _counted_once(res)) for proxy, res in valid]
         # A fixed order makes the floating-point sum, and so the run, reproducible.
         valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
-        parameters, metrics = self.strategy.aggregate_fit(server_round, valid, failures)
+        # Rejected updates go on as failures: a DP wrapper then voids the round, since its
+        # noise is calibrated to every sampled client.
+        parameters, metrics = self.strategy.aggregate_fit(server_round, valid, [*failures, *rejected])
+        if parameters is None:
+            log(WARNING, "Round %s: %r aggregated nothing; global model unchanged", server_round,
+                self.strategy)
+            return None, {}
+        record["status"] = "ok"
         record.update(metrics)
         return self._keep_dtypes(parameters), metrics
+
+    def _in_expected_dtypes(self, res: FitRes) -> FitRes:
+        arrays = parameters_to_ndarrays(res.parameters)
+        if len(arrays) == len(self._expected):
+            arrays = [a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)]
+        return FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, dict(res.metrics))
 
     def _keep_dtypes(self, parameters: Parameters | None) -> Parameters | None:
         """The aggregate in the global model's dtypes.

@@ -1,0 +1,183 @@
+"""Differential privacy (Flower's wrappers and mods, our privacy budget) and SecAgg+
+(Flower's workflow and mod), on real Flower objects and real simulations."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO, run_simulation_cli
+from dp_accounting import NeighboringRelation, dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+from fl_app.config import compose_config
+from fl_app.config_schema import ConfigError
+from fl_app.privacy import PrivacyBudget, with_central_dp
+from fl_app.strategy import build_strategy
+
+
+def central_dp_round(shapes, num_clients, noise_multiplier, clipping_norm):
+    """A FedAvg round wrapped in server-side clipping DP, configured for `num_clients`."""
+    privacy = dataclasses.replace(compose_config(["privacy=central_dp"]).privacy,
+                                  noise_multiplier=noise_multiplier, clipping_norm=clipping_norm)
+    zeros = [np.zeros(shape, np.float32) for shape in shapes]
+    strategy = build_strategy("fedavg", {}, zeros, min_fit_clients=num_clients,
+                              min_available_clients=num_clients, equal_weights=True,
+                              wrap=lambda inner: with_central_dp(inner, privacy, num_clients))
+    manager = SimpleClientManager()
+    proxies = [GridClientProxy(node_id=i + 1, grid=None, run_id=0) for i in range(num_clients)]
+    for proxy in proxies:
+        manager.register(proxy)
+    strategy.configure_fit(1, ndarrays_to_parameters(zeros), manager)
+    return strategy, proxies
+
+
+def fit_result(proxy, arrays, num_examples):
+    return proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {})
+
+
+def test_server_side_clipping_bounds_each_update_and_weighs_clients_equally():
+    strategy, proxies = central_dp_round([(3,), (4,)], 2, noise_multiplier=0.0, clipping_norm=1.0)
+    big = [np.full(3, 10.0, np.float32), np.full(4, 10.0, np.float32)]  # norm ~26: clipped to 1
+    small = [np.full(3, 0.1, np.float32), np.full(4, 0.1, np.float32)]  # norm ~0.26: kept
+    parameters, _ = strategy.aggregate_fit(1, [fit_result(proxies[0], big, 5000),
+                                               fit_result(proxies[1], small, 10)], [])
+    clipped_big = [a / np.sqrt(7 * 100.0) for a in big]
+    # Equal weights: examples (5000 vs 10) do not count under DP.
+    for got, a, b in zip(parameters_to_ndarrays(parameters), clipped_big, small):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5)
+
+
+def test_noise_std_is_noise_multiplier_times_clip_over_sampled_clients():
+    np.random.seed(0)  # Flower draws the noise from NumPy's global generator
+    strategy, proxies = central_dp_round([(200_000,)], 10, noise_multiplier=1.5, clipping_norm=2.0)
+    # Every client moves every weight by 0.001 (norm 0.45 < clip: not clipped).
+    same = [np.full(200_000, 0.001, np.float32)]
+    parameters, _ = strategy.aggregate_fit(1, [fit_result(p, same, 100) for p in proxies], [])
+    noise = parameters_to_ndarrays(parameters)[0] - 0.001
+    assert abs(noise.mean()) < 0.003
+    # 1.5 x 2.0 / 10 = 0.3; the std of 200,000 draws is within 1 % of it (about 6 standard errors).
+    assert noise.std() == pytest.approx(0.3, rel=0.01)
+
+
+def test_epsilon_grows_with_rounds_as_dp_accounting_says():
+    privacy = compose_config(["privacy=central_dp", "privacy.noise_multiplier=1.0"]).privacy
+    budget = PrivacyBudget(privacy, num_sampled=10, population=100)
+    spent = [budget.spend() for _ in range(5)]
+    assert all(a < b for a, b in zip(spent, spent[1:]))
+    # The same figure from dp-accounting itself: 5 rounds, 10 of 100 sampled without replacement.
+    accountant = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    event = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(1.0))
+    accountant.compose(event, 5)
+    assert spent[-1] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, text",
+    [
+        (["privacy=secagg", "privacy.dp=server_fixed"], "privacy.dp", "use client_fixed"),
+        (["privacy=secagg", "privacy.secagg_reconstruction_threshold=3"],
+         "privacy.secagg_reconstruction_threshold", "[2, 3)"),
+        (["privacy=secagg", "min_fit_clients=1"], "min_fit_clients", ">= privacy.secagg_reconstruction_threshold"),
+        (["privacy.target_epsilon=1"], "privacy.target_epsilon", "needs central DP"),
+        (["privacy=central_dp", "privacy.noise_multiplier=0"], "privacy.noise_multiplier", "(0, inf)"),
+        (["privacy.dp=gaussian"], "privacy.dp", "none, server_fixed, client_fixed"),
+    ],
+)
+def test_bad_privacy_settings_name_the_key(overrides, key, text):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    assert err.value.key == key and text in str(err.value)
+
+
+def history(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
+    # 10 clients, all sampled: epsilon after rounds 1, 2, 3 is about 96, 166, 231 at z=0.1.
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli(
+        "num_clients=10", "num_rounds=3", "fraction_evaluate=0", "privacy=central_dp",
+        "privacy.noise_multiplier=0.1", "privacy.target_epsilon=200", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = history(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]  # a third round would pass epsilon 200
+    assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 200
+    assert rounds[-1]["test_accuracy"] > 0.3, rounds  # chance is 0.1
+    log = (run_dir / "run_simulation.log").read_text()
+    assert "| epsilon " in log and "another round would take epsilon above 200" in log
+
+
+SECAGG = ["num_clients=4", "min_fit_clients=3", "num_rounds=1", "fraction_evaluate=0",
+          "privacy=secagg", "privacy.secagg_num_shares=4", "privacy.secagg_reconstruction_threshold=3"]
+
+
+def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_path):
+    plain, secure = tmp_path / "plain", tmp_path / "secagg"
+    for run_dir, extra in ((plain, ["privacy=none"]), (secure, [])):
+        result = run_simulation_cli(*SECAGG, *extra, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    cfg = compose_config(SECAGG).privacy
+    total = history(plain)[0]["train_examples"]
+    assert history(secure)[0]["train_examples"] == total and history(secure)[0]["status"] == "ok"
+    # Each client sends w * weights, w = examples / max_weight, quantised in steps of
+    # 2c / Q over [-c, c]: the weighted average is off by at most n * 2c * max_weight / (Q * total).
+    bound = 4 * 2 * cfg.secagg_clipping_range * cfg.secagg_max_weight / (cfg.secagg_quantization_range * total)
+    weights = [keras.models.load_model(d / "model.keras").get_weights() for d in (plain, secure)]
+    worst = max(np.abs(a - b).max() for a, b in zip(*weights))
+    assert 0 < worst <= bound + 1e-6, (worst, bound)  # 1e-6: float32 rounding of the weights
+    assert history(secure)[0]["test_accuracy"] == pytest.approx(history(plain)[0]["test_accuracy"], abs=0.005)
+
+
+DROPOUT_RUN = '''
+import sys
+from flwr.simulation import run_simulation
+from fl_app.client_app import build_client_app
+from fl_app.config import compose_config
+from fl_app.server_app import build_server_app
+
+
+def drop_out_mid_protocol(message, context, call_next):
+    """Partition 0 vanishes after SecAgg+'s key exchange, before sending its masked update."""
+    configs = message.content.config_records.get("secaggplus_configs", {})
+    if context.node_config["partition-id"] == 0 and configs.get("stage") == "collect_masked_vectors":
+        raise RuntimeError("partition 0 dropped out")
+    return call_next(message, context)
+
+
+cfg = compose_config(sys.argv[1:])
+run_simulation(server_app=build_server_app(cfg),
+               client_app=build_client_app(cfg, mods=(drop_out_mid_protocol,)),
+               num_supernodes=cfg.num_clients,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+'''
+
+
+def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
+    script, out = tmp_path / "dropout_run.py", tmp_path / "run"
+    script.write_text(DROPOUT_RUN)
+    result = subprocess.run([sys.executable, str(script), *SECAGG, f"output_dir={out}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = history(out)
+    # 4 shares, threshold 3: one dropout is tolerated, the other three are aggregated.
+    assert (record["clients_succeeded"], record["status"]) == (3, "ok"), record
+    assert record["test_accuracy"] > 0.9
+
+
+def test_secagg_with_client_side_dp_learns_and_spends_epsilon(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_simulation_cli(*SECAGG, "privacy=secagg_dp", "privacy.noise_multiplier=0.01",
+                                f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = history(run_dir)
+    assert record["status"] == "ok" and record["epsilon"] > 0
+    assert record["test_accuracy"] > 0.3, record
