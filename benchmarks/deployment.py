@@ -117,14 +117,14 @@ def deployment(workdir: Path, rounds: int) -> tuple[list[float], float]:
 CLIENT_PROCESS = """
 import time
 started = time.perf_counter()
-from fl_app.client_app import load_node_data, _worker_model
+from fl_app.client_app import load_node_data
 from fl_app.config import compose_config
 from fl_app import model
 imported = time.perf_counter()
 cfg = compose_config(["mode=deployment"])
 data = load_node_data({"partition-id": 0, "num-partitions": 20}, cfg)
 loaded = time.perf_counter()
-net = _worker_model(cfg.model.name, (28, 28, 1), cfg.optimizer, cfg.loss, 2, False)
+net = model.build_model(cfg.model.name, (28, 28, 1), cfg.optimizer, cfg.loss, 1e-3)  # as each worker does
 built = time.perf_counter()
 model.train(net, data.x_train, data.y_train, epochs=1, batch_size=32, learning_rate=0.002, seed=0)
 trained = time.perf_counter()

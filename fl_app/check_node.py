@@ -15,6 +15,7 @@ import shlex
 import sys
 
 import numpy as np
+from click import ClickException
 from flwr.common.config import parse_config_args
 
 from fl_app.client_app import load_node_data
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose_config(shlex.split(args.overrides))
         data = load_node_data(parse_config_args([args.node_config]), cfg)
-    except (ConfigError, DatasetError, ValueError) as err:
-        print(f"check_node: {err}", file=sys.stderr)
+    except (ConfigError, DatasetError, ClickException) as err:  # Click's: a malformed --node-config
+        print(f"check_node: {getattr(err, 'message', err)}", file=sys.stderr)
         sys.exit(1)
     names = class_names(cfg.dataset.name)
     counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(names))

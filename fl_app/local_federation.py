@@ -81,12 +81,16 @@ class LocalFederation:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _start(self, name: str, command: list[str], ready: str, timeout: float) -> subprocess.Popen:
-        """Start `command` logging to logs/<name>.log; wait until the log matches `ready`."""
+    def _start(self, name: str, command: list[str], ready: str | None = None,
+               timeout: float = 60) -> subprocess.Popen:
+        """Start `command` logging to logs/<name>.log (stopped by `close`); unless `ready`
+        is None, wait until the log matches it."""
         with open(self.logs / f"{name}.log", "w") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                        env=self.env, start_new_session=True)
         self.processes[name] = process
+        if ready is None:
+            return process
         deadline = time.monotonic() + timeout
         while not re.search(ready, self.log(name)):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -136,13 +140,7 @@ class LocalFederation:
             *(["--root-certificates", str(self.certs / "ca.crt")] if tls else ["--insecure"]),
             *extra,
         ]
-        if not wait:
-            with open(self.logs / f"{name}.log", "w") as log_file:
-                process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                           env=self.env, start_new_session=True)
-            self.processes[name] = process
-            return process
-        return self._start(name, command, ready=r"SuperNode ID: \d+", timeout=60)
+        return self._start(name, command, ready=r"SuperNode ID: \d+" if wait else None)
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop a process and its children (SuperExec, flwr-serverapp / flwr-clientapp)."""
@@ -171,12 +169,8 @@ class LocalFederation:
 
     def submit(self, overrides: str, app_dir: Path = APP_DIR) -> subprocess.Popen:
         """Start `flwr run APP CONNECTION --stream` with Hydra `overrides`; logs/run.log."""
-        with open(self.logs / "run.log", "w") as log_file:
-            return subprocess.Popen(
-                ["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                 "--run-config", f'overrides="{overrides}"'],
-                env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        return self._start("run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                                   "--run-config", f'overrides="{overrides}"'])
 
     def run(self, overrides: str, app_dir: Path = APP_DIR, timeout: float = 600) -> str:
         """Submit a run, wait for its end, return its log.
@@ -188,7 +182,7 @@ class LocalFederation:
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            self.stop("run", signal.SIGKILL)
             raise FederationError(f"run still going after {timeout} s:\n{self.log('run')[-3000:]}")
         output = self.log("run")
         started = re.search(r"Successfully started run (\d+)", output)
