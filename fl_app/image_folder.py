@@ -61,11 +61,13 @@ def load_image_folder(
         )
     images = np.empty((len(files), *image_shape), np.uint8)
     for i, (path, _) in enumerate(files):
-        images[i] = _read_image(path, image_shape)
+        images[i] = read_image(path, image_shape)
     return images, np.array([label for _, label in files], np.uint8)
 
 
-def _read_image(path: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
+def read_image(path: str | Path, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """One image file as uint8 (H, W, C), resized and converted to grey or RGB as the model
+    takes it (also what `fl_app.predict` classifies). Raises `DatasetError` naming the file."""
     height, width, channels = image_shape
     try:
         image = keras.utils.load_img(

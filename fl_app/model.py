@@ -129,6 +129,13 @@ def build_model(
     return model
 
 
+def summary_text(model: keras.Model) -> str:
+    """Keras' summary (layers, output shapes, parameter counts) as text, for logs and files."""
+    parts = []
+    model.summary(print_fn=parts.append)
+    return "\n".join(parts).rstrip()
+
+
 def initial_weights(name: str, input_shape: tuple[int, int, int], seed: int) -> list[np.ndarray]:
     """The global model's starting weights, identical for a given seed."""
     keras.utils.set_random_seed(seed)

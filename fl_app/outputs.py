@@ -1,4 +1,5 @@
-"""A run's output directory: per-round metrics, their plot, checkpoint, final model.
+"""A run's output directory: per-round metrics (files, plot, TensorBoard), checkpoint,
+final model and pictures of its test-set predictions.
 
 No Flower here. Files that a crash could leave half-written (metrics, checkpoint) are
 written to a temporary file first and renamed into place, so a reader or a resumed run
@@ -8,6 +9,7 @@ only ever sees a complete one.
 import csv
 import io
 import json
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
+import tensorflow as tf
+from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
 # Column order of metrics.csv; keys a round lacks stay empty.
@@ -36,6 +40,9 @@ COLUMNS = (
     "status",
     "round_seconds",
 )
+
+
+DPI = 100  # every picture's pixel size is its figsize (inches) x DPI
 
 
 class Checkpoint(NamedTuple):
@@ -57,6 +64,12 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 class RunOutputs:
     """Paths and writers of one run's output directory."""
 
@@ -70,6 +83,10 @@ class RunOutputs:
         self.model = self.dir / "model.keras"
         self.partitions_json = self.dir / "partitions.json"
         self.partitions_png = self.dir / "partitions.png"
+        self.model_summary = self.dir / "model_summary.txt"
+        self.confusion_matrix_png = self.dir / "confusion_matrix.png"
+        self.predictions_png = self.dir / "predictions.png"
+        self._tensorboard = None  # created at the first round: a refused run writes nothing
 
     def write_config(self, yaml_text: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +101,21 @@ class RunOutputs:
         writer.writeheader()
         writer.writerows(history)
         _write_atomically(self.metrics_csv, lambda f: f.write(text.getvalue().encode()))
+
+    def write_scalars(self, record: dict) -> None:
+        """TensorBoard: each numeric value of a round's record (named as in metrics.csv) at
+        step = round, in the run's directory, so `tensorboard --logdir outputs/` shows every
+        run under outputs/ side by side. A resumed run appends to the same directory."""
+        if self._tensorboard is None:
+            self._tensorboard = tf.summary.create_file_writer(str(self.dir))
+        with self._tensorboard.as_default(step=record["round"]):
+            for key, value in record.items():
+                if key != "round" and isinstance(value, numbers.Real):
+                    tf.summary.scalar(key, value)
+        self._tensorboard.flush()
+
+    def write_model_summary(self, summary: str) -> None:
+        self.model_summary.write_text(summary + "\n")
 
     def plot_metrics(self, history: list[dict]) -> None:
         """metrics.png: accuracy and loss per round, centralised and federated."""
@@ -100,9 +132,56 @@ class RunOutputs:
             ax.legend()
         acc_ax.set_title("Accuracy per round")
         loss_ax.set_title("Loss per round")
-        fig.tight_layout()
-        fig.savefig(self.metrics_png, dpi=100)
-        plt.close(fig)
+        _save(fig, self.metrics_png)
+
+    def plot_confusion_matrix(self, labels: np.ndarray, predicted: np.ndarray,
+                              class_names: tuple[str, ...]) -> None:
+        """confusion_matrix.png: test images per (true, predicted) class, counts written in.
+
+        Colours are on a log scale, else the diagonal's thousands hide the few mistakes."""
+        n = len(class_names)
+        matrix = tf.math.confusion_matrix(labels, predicted, num_classes=n).numpy()
+        norm = LogNorm(vmin=1, vmax=max(matrix.max(), 2))
+        fig, ax = plt.subplots(figsize=(7, 6))
+        image = ax.imshow(np.ma.masked_equal(matrix, 0), cmap="Blues", norm=norm)
+        for (true, guess), count in np.ndenumerate(matrix):
+            dark = count and norm(count) > 0.6
+            ax.text(guess, true, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        accuracy = np.trace(matrix) / matrix.sum()
+        ax.set_title(f"Final model on {matrix.sum():,} test images: accuracy {accuracy:.2%}")
+        fig.colorbar(image, ax=ax, label="images (log scale)")
+        _save(fig, self.confusion_matrix_png)
+
+    def plot_predictions(self, images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                         class_names: tuple[str, ...], rows: int = 4, cols: int = 8) -> None:
+        """predictions.png: a grid of test images titled with predicted and true class,
+        mistakes in red. Up to half the grid are the first mistakes and the rest the first
+        correct ones, in test-set order: the first images alone would rarely show one."""
+        wrong = np.flatnonzero(predicted != labels)[: rows * cols // 2]
+        right = np.flatnonzero(predicted == labels)[: rows * cols - len(wrong)]
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.8))
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(False)
+        for ax, i in zip(axes.flat, np.sort(np.concatenate([wrong, right]))):
+            ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
+            mistake = predicted[i] != labels[i]
+            ax.set_title(f"predicted {class_names[predicted[i]]}\ntrue {class_names[labels[i]]}",
+                         fontsize=8, color="red" if mistake else "black")
+            if mistake:
+                ax.set_frame_on(True)
+                for spine in ax.spines.values():
+                    spine.set(color="red", linewidth=3)
+        fig.suptitle(f"Final model on test images: {np.sum(predicted != labels):,} of "
+                     f"{len(labels):,} wrong; the first {len(wrong)} mistakes (red) and the "
+                     f"first {len(right)} correct")
+        _save(fig, self.predictions_png)
 
     def write_partitions(self, counts: np.ndarray) -> None:
         """partitions.json: statistics of the split and each client's label counts."""
@@ -139,9 +218,7 @@ class RunOutputs:
         suffix = f" (first {len(shown)} of {len(counts)} clients)" if len(counts) > len(shown) else ""
         ax.set_title(title + suffix)
         ax.legend(title="label", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
-        fig.tight_layout()
-        fig.savefig(self.partitions_png, dpi=100)
-        plt.close(fig)
+        _save(fig, self.partitions_png)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         arrays = {f"weight_{i:03d}": w for i, w in enumerate(checkpoint.weights)}

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
 from fl_app.config_schema import AppConfig, ConfigError, own_settings
-from fl_app.data import image_shape
+from fl_app.data import class_names, image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
 from fl_app.partition import load_split, load_test_set
 from fl_app.privacy import CENTRAL_DP, PrivacyBudget, fit_workflow, with_central_dp
@@ -26,9 +26,9 @@ from fl_app.workflow import ResumableWorkflow
 
 
 class RoundRecorder:
-    """After each round: log a progress line, write metrics, checkpoint atomically, and end
-    the run once the test accuracy reaches `target_accuracy`, or once another round would
-    spend more than the privacy budget's target ε (if set)."""
+    """After each round: log a progress line, write metrics (files and TensorBoard),
+    checkpoint atomically, and end the run once the test accuracy reaches `target_accuracy`,
+    or once another round would spend more than the privacy budget's target ε (if set)."""
 
     def __init__(self, outputs: RunOutputs, strategy: ValidatedStrategy, num_rounds: int,
                  checkpoint: Checkpoint, target_accuracy: float | None,
@@ -52,6 +52,7 @@ class RoundRecorder:
         self.weights = weights
         log(INFO, "%s", progress_line(record, self.num_rounds))
         self.outputs.write_metrics(self.history)
+        self.outputs.write_scalars(record)
         self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history))
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
@@ -116,6 +117,9 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     model = keras_model.build_model(
         cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate
     )
+    summary = keras_model.summary_text(model)
+    log(INFO, "Global model:\n%s", summary)
+    outputs.write_model_summary(summary)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
         if server_round % cfg.eval_every and server_round != cfg.num_rounds:
@@ -158,6 +162,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
     model.save(outputs.model)
     outputs.plot_metrics(recorder.history)
+    predicted = model.predict(x_test, batch_size=cfg.eval_batch_size, verbose=0).argmax(axis=1)
+    names = class_names(cfg.dataset.name)
+    outputs.plot_confusion_matrix(y_test, predicted, names)
+    outputs.plot_predictions(x_test, y_test, predicted, names)
     final = recorder.history[-1] if recorder.history else {}
     log(
         INFO,

@@ -61,3 +61,17 @@ def write_image_folder(root: Path, images, labels, size: tuple[int, int] | None 
             picture = picture.resize(size)
         picture.save(root / str(int(label)) / f"{i:06d}{suffix}")  # sorted = written order
     return root
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's TensorBoard scalars, tag -> [(step, value), ...] in written order, read with
+    TensorBoard's own reader (as `tensorboard --logdir` would show them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})  # 0: keep all
+    events.Reload()
+    return {
+        tag: [(event.step, float(make_ndarray(event.tensor_proto))) for event in events.Tensors(tag)]
+        for tag in events.PluginTagToContent("scalars")
+    }

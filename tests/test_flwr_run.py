@@ -54,6 +54,8 @@ def test_flwr_run_trains_and_matches_run_simulation(tmp_path, flwr_env):
     assert history[-1]["clients_succeeded"] == 3
     assert history[-1]["test_accuracy"] > 0.9
     assert (out / "model.keras").exists() and (out / "metrics.png").exists()
+    for picture in ("confusion_matrix.png", "predictions.png", "model_summary.txt"):
+        assert (out / picture).stat().st_size > 1000, picture
     assert "num_clients: 3" in (out / "config.yaml").read_text()
 
     # The other door, same overrides: the same composed config and the same rounds.

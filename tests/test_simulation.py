@@ -8,13 +8,16 @@ import sys
 import time
 
 import keras
+import numpy as np
 import pytest
-from conftest import REPO, SMALL_RUN, run_simulation_cli
+from conftest import REPO, SMALL_RUN, read_scalars, run_simulation_cli
+from PIL import Image
 
 from fl_app.partition import load_test_set
 
 OUTPUT_FILES = {"config.yaml", "metrics.json", "metrics.csv", "metrics.png", "model.keras",
-                "checkpoint.npz", "partitions.json", "partitions.png"}
+                "checkpoint.npz", "partitions.json", "partitions.png", "model_summary.txt",
+                "confusion_matrix.png", "predictions.png"}
 
 
 def read_metrics(run_dir):
@@ -50,6 +53,23 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     x_test, y_test = load_test_set("mnist", str(data_root))
     _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-4)
+
+    # TensorBoard: every numeric value of each round's record, once, at step = round.
+    scalars = read_scalars(run_dir)
+    numeric = {k for r in history for k, v in r.items() if k != "round" and not isinstance(v, str)}
+    assert {"test_accuracy", "eval_loss", "clients_failed", "round_seconds"} <= numeric
+    assert set(scalars) == numeric
+    for key in numeric:
+        assert scalars[key] == [(r["round"], pytest.approx(r[key])) for r in history if key in r], key
+
+    # Pictures of the final model, sized as drawn (figsize x 100 dpi); mistakes framed in red.
+    assert Image.open(run_dir / "confusion_matrix.png").size == (700, 600)
+    grid = np.asarray(Image.open(run_dir / "predictions.png").convert("RGB"))
+    assert grid.shape == (720, 1200, 3)
+    assert np.all(grid == (255, 0, 0), axis=-1).sum() > 500
+    summary = (run_dir / "model_summary.txt").read_text()
+    assert "(Dense)" in summary and "(None, 128)" in summary and "Total params: 693,962" in summary
+    assert summary.strip() in log
 
 
 def test_non_iid_run_with_another_strategy_stops_at_target_accuracy(tmp_path):

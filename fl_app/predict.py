@@ -1,0 +1,193 @@
+"""Use a trained model: `python -m fl_app.predict MODEL IMAGES...` (or `fl-app-predict`).
+
+Classifies image files, or every image under a directory, and prints and writes a CSV
+(file, predicted class, confidence, top 3); with `--split` it instead measures the
+model's accuracy on a known dataset. Images of any size, colour or grey, are converted
+exactly as a partner's image folder is (`fl_app.image_folder.read_image`), so the model
+sees them as it saw its training data. No Flower here.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+from omegaconf import OmegaConf
+
+from fl_app.data import DATASETS, DatasetError, class_names, image_shape, load_dataset, scale_images
+from fl_app.image_folder import IMAGE_SUFFIXES, read_image
+
+BATCH_SIZE = 1000
+TOP_K = 3
+
+EXAMPLES = """examples:
+  python -m fl_app.predict outputs/2025-06-01/10-00-00/model.keras scan.png my_images/
+  python -m fl_app.predict model.keras --dataset fashion_mnist shoe.jpg -o shoe.csv
+  python -m fl_app.predict model.keras --dataset mnist --split test
+
+A bad image among many is reported and skipped; the rest are classified. Exit status:
+0 if every image was classified, 1 if one was skipped or nothing could be done,
+2 for wrong arguments."""
+
+
+class PredictError(Exception):
+    """A problem with the user's input: printed without a traceback."""
+
+
+def load_model(path: Path) -> keras.Model:
+    if not path.is_file():
+        raise PredictError(f"{path}: no such model file")
+    if path.suffix not in (".keras", ".h5"):
+        raise PredictError(f"{path}: not a Keras model file (.keras, or legacy .h5)")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # else Keras says "not found"
+        raise PredictError(f"{path}: not a Keras model: a .keras file is a zip archive, this is not")
+    try:
+        return keras.models.load_model(path, compile=False)  # predicting needs no optimizer
+    except Exception as err:  # Keras raises ValueError, OSError, zipfile errors, ...
+        raise PredictError(f"{path}: cannot be loaded as a Keras model: {err}") from err
+
+
+def dataset_of_run(model_path: Path) -> str:
+    """The dataset named in the config.yaml that a run writes beside its model.keras."""
+    config = model_path.parent / "config.yaml"
+    if not config.is_file():
+        raise PredictError(
+            f"name the model's dataset with --dataset: {model_path} has no config.yaml beside it"
+        )
+    return OmegaConf.load(config).dataset.name
+
+
+def check_model_fits(model: keras.Model, path: Path, dataset: str) -> None:
+    """The model must take the dataset's image shape and give one output per class."""
+    shape, names = image_shape(dataset), class_names(dataset)
+    takes, gives = tuple(model.input_shape[1:]), model.output_shape[-1]
+    if takes != shape or gives != len(names):
+        raise PredictError(
+            f"{path} takes input {takes} and gives {gives} outputs, but {dataset} images are "
+            f"{shape} with {len(names)} classes: is --dataset right?"
+        )
+
+
+def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(image files, problems): files as named, directories searched recursively for image
+    files (hidden entries ignored, sorted); a missing path or empty directory is a problem."""
+    files, problems = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                problems.append(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or directory")
+    return files, problems
+
+
+def classify(model: keras.Model, dataset: str, paths: list[Path], output: Path) -> int:
+    """Classify the images, print the rows and write them to `output`; return how many
+    paths were skipped (each reported on stderr)."""
+    files, problems = image_files(paths)
+    shape, names = image_shape(dataset), class_names(dataset)
+    images, readable = [], []
+    for path in files:
+        try:
+            images.append(read_image(path, shape))
+            readable.append(path)
+        except DatasetError as err:
+            problems.append(str(err))
+    for problem in problems:
+        print(f"predict: skipped {problem}", file=sys.stderr)
+    if not readable:
+        raise PredictError("no image could be read: nothing classified")
+
+    probabilities = model.predict(scale_images(np.stack(images)), batch_size=BATCH_SIZE, verbose=0)
+    rows = []
+    for path, p in zip(readable, probabilities):
+        top = np.argsort(p)[::-1][:TOP_K]
+        rows.append({
+            "file": str(path),
+            "predicted": names[top[0]],
+            "confidence": f"{p[top[0]]:.4f}",
+            "top3": " ".join(f"{names[k]}:{p[k]:.4f}" for k in top),
+        })
+    with open(output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    width = max(len(row["file"]) for row in rows)
+    print(f"{'file':<{width}}  {'predicted':<12} {'confidence':<10}  top {TOP_K}")
+    for row in rows:
+        print(f"{row['file']:<{width}}  {row['predicted']:<12} {row['confidence']:<10}  {row['top3']}")
+    print(f"{len(rows)} image(s) classified, written to {output}"
+          + (f"; {len(problems)} skipped" if problems else ""))
+    return len(problems)
+
+
+def evaluate_split(model: keras.Model, dataset: str, split: str, data_dir: str) -> None:
+    x_train, y_train, x_test, y_test = load_dataset(dataset, data_dir)
+    images, labels = (x_test, y_test) if split == "test" else (x_train, y_train)
+    predicted = model.predict(scale_images(images), batch_size=BATCH_SIZE, verbose=0).argmax(axis=1)
+    wrong = int(np.sum(predicted != labels))
+    print(f"accuracy {1 - wrong / len(labels):.4f} on the {len(labels):,} {split} images of "
+          f"{dataset} ({wrong:,} wrong)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fl_app.predict",
+        description="Classify image files with a trained fl_app model (model.keras of a run), "
+        "or measure its accuracy on a dataset's test set.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", type=Path, help="the Keras model file, e.g. a run's model.keras")
+    parser.add_argument(
+        "images", type=Path, nargs="*",
+        help=f"image files ({', '.join(IMAGE_SUFFIXES)}; any size, colour or grey) or "
+        "directories, searched recursively",
+    )
+    parser.add_argument(
+        "--dataset", choices=sorted(DATASETS),
+        help="the dataset the model was trained on: its class names and image shape "
+        "(default: the one in the config.yaml beside MODEL)",
+    )
+    parser.add_argument(
+        "--split", choices=("test", "train"),
+        help="instead of classifying IMAGES, print the accuracy on this split of --dataset",
+    )
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("FL_APP_DATA_DIR", "data"),
+        help="folder holding the datasets, for --split (default: $FL_APP_DATA_DIR, else data)",
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("predictions.csv"),
+        help="the CSV to write: file, predicted, confidence, top3 (default: predictions.csv)",
+    )
+    args = parser.parse_intermixed_args(argv)  # IMAGES may come before or after options
+    if bool(args.images) == bool(args.split):
+        parser.error("give either IMAGES to classify or --split to evaluate on, not both or neither")
+    try:
+        model = load_model(args.model)
+        dataset = args.dataset or dataset_of_run(args.model)
+        check_model_fits(model, args.model, dataset)
+        if args.split:
+            evaluate_split(model, dataset, args.split, args.data_dir)
+        elif classify(model, dataset, args.images, args.output):
+            sys.exit(1)
+    except (PredictError, DatasetError) as err:
+        print(f"predict: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""A run's TensorBoard scalars, written by RunOutputs without a federation."""
+
+import pytest
+from conftest import read_scalars
+
+from fl_app.outputs import RunOutputs
+
+
+def test_every_numeric_value_of_a_round_becomes_a_scalar_and_a_resumed_run_appends(tmp_path):
+    rounds = [
+        {"round": 1, "test_accuracy": 0.91, "clients_failed": 0, "status": "ok", "epsilon": 96.5},
+        {"round": 2, "test_accuracy": 0.95, "clients_failed": 1, "status": "ok", "epsilon": 166.25},
+        {"round": 3, "clients_failed": 0, "status": "failed", "epsilon": 231.0},  # not evaluated
+    ]
+    RunOutputs(tmp_path).write_scalars(rounds[0])
+    resumed = RunOutputs(tmp_path)  # a resumed run: another writer, the same directory
+    for record in rounds[1:]:
+        resumed.write_scalars(record)
+
+    scalars = read_scalars(tmp_path)
+    assert set(scalars) == {"test_accuracy", "clients_failed", "epsilon"}  # no round, no status
+    for key, points in scalars.items():
+        assert points == [(r["round"], pytest.approx(r[key])) for r in rounds if key in r], key
