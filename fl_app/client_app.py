@@ -12,7 +12,6 @@ import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import (
     LocalDpMod,
-    adaptiveclipping_mod,
     fixedclipping_mod,
     make_ffn,
     secaggplus_mod,
@@ -22,7 +21,7 @@ from flwr.common import Context, Message, NDArrays, Scalar
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
-from fl_app.config_schema import AppConfig, PrivacyConfig, own_settings
+from fl_app.config_schema import CENTRAL_DP, AppConfig, PrivacyConfig, own_settings
 from fl_app.data import DatasetError, image_shape
 from fl_app.partition import ClientData, load_client_data, load_own_images
 
@@ -59,7 +58,13 @@ class KerasClient(NumPyClient):
         )
         if self.partition_id is not None:
             metrics["partition_id"] = self.partition_id
-        return self.model.get_weights(), len(self.data.x_train), metrics
+        num_examples = len(self.data.x_train)
+        if self.cfg.privacy.dp in CENTRAL_DP:
+            # Central DP's noise assumes every client counts once; SecAgg+ weighs by this
+            # figure inside the protocol, so it is set here. The real count is a metric.
+            metrics["num_examples"] = num_examples
+            num_examples = 1
+        return self.model.get_weights(), num_examples, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -95,7 +100,11 @@ def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData
             "--node-config 'image-dir=\"PATH\"' (its own images, one folder per class) or "
             f"'partition-id=I num-partitions=N' (partition I of {cfg.dataset.name})"
         )
-    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    try:
+        partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except ValueError:
+        raise DatasetError(f"node config {dict(node_config)}: partition-id and num-partitions "
+                           "must be integers") from None
     if not 0 <= partition_id < num_partitions:
         raise DatasetError(
             f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
@@ -135,8 +144,6 @@ def privacy_mods(privacy: PrivacyConfig) -> list[Mod]:
     mods: list[Mod] = [secaggplus_mod] if privacy.secagg else []
     if privacy.dp == "client_fixed":
         mods.append(fixedclipping_mod)
-    elif privacy.dp == "client_adaptive":
-        mods.append(adaptiveclipping_mod)
     elif privacy.dp == "local":
         clip = privacy.clipping_norm
         mods.append(LocalDpMod(clip, clip, privacy.local_epsilon, privacy.delta))

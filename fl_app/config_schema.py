@@ -31,7 +31,10 @@ STRATEGIES = {
 }
 MODES = ("simulation", "deployment")
 SIMULATION_ONLY = ("num_gpus_per_client", "ray_address")  # mode settings of the Ray engine
-DP_MODES = ("none", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive", "local")
+CENTRAL_DP = ("server_fixed", "client_fixed")  # noise on the sum
+DP_MODES = ("none", *CENTRAL_DP, "local")
+# Flower 1.42's adaptive clipping wrappers, refused with the reason (docs/privacy.md).
+ADAPTIVE_DP = ("server_adaptive", "client_adaptive")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("sparse_categorical_crossentropy",)
 
@@ -228,6 +231,11 @@ def _check_mode(mode: ModeConfig) -> None:
 
 def _check_privacy(cfg: AppConfig) -> None:
     privacy = cfg.privacy
+    if privacy.dp in ADAPTIVE_DP:
+        raise ConfigError("privacy.dp", f"{privacy.dp} is not offered: Flower 1.42's adaptive "
+                          "clipping moves its norm away from the target quantile and scales the "
+                          "noise by the next round's norm, not the one it clipped to (see "
+                          "docs/privacy.md); use server_fixed or client_fixed")
     _one_of("privacy.dp", privacy.dp, DP_MODES)
     inf = float("inf")
     _in_range("privacy.noise_multiplier", privacy.noise_multiplier, 0, inf, "()")
@@ -235,14 +243,14 @@ def _check_privacy(cfg: AppConfig) -> None:
     _in_range("privacy.delta", privacy.delta, 0, 1, "()")
     _in_range("privacy.target_epsilon", privacy.target_epsilon, 0, inf, "()")
     _in_range("privacy.local_epsilon", privacy.local_epsilon, 0, inf, "()")
-    if privacy.target_epsilon is not None and not privacy.dp.endswith(("_fixed", "_adaptive")):
+    if privacy.target_epsilon is not None and privacy.dp not in CENTRAL_DP:
         raise ConfigError("privacy.target_epsilon", "needs central DP (privacy.dp server_* or "
                           f"client_*), got privacy.dp={privacy.dp}")
     if not privacy.secagg:
         return
     if privacy.dp.startswith("server_"):
         raise ConfigError("privacy.dp", f"got {privacy.dp}, but with SecAgg+ the server never sees "
-                          "one client's update to clip it: use client_fixed or client_adaptive")
+                          "one client's update to clip it: use client_fixed")
     _in_range("privacy.secagg_num_shares", privacy.secagg_num_shares, 3, inf)
     _in_range("privacy.secagg_reconstruction_threshold", privacy.secagg_reconstruction_threshold,
               2, privacy.secagg_num_shares)

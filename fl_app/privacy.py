@@ -7,9 +7,7 @@ chosen in `client_app.py`.
 """
 
 from flwr.server.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
@@ -18,9 +16,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccountant, SamplingMethod
 from flwr.serverapp import PrivacyConfig as AccountingConfig
 
-from fl_app.config_schema import PrivacyConfig
-
-CENTRAL_DP = ("server_fixed", "client_fixed", "server_adaptive", "client_adaptive")
+from fl_app.config_schema import CENTRAL_DP, PrivacyConfig
 
 
 def with_central_dp(strategy: Strategy, privacy: PrivacyConfig, num_sampled: int) -> Strategy:
@@ -32,12 +28,6 @@ def with_central_dp(strategy: Strategy, privacy: PrivacyConfig, num_sampled: int
         return DifferentialPrivacyServerSideFixedClipping(strategy, z, clip, num_sampled)
     if privacy.dp == "client_fixed":
         return DifferentialPrivacyClientSideFixedClipping(strategy, z, clip, num_sampled)
-    if privacy.dp == "server_adaptive":
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy, z, num_sampled, initial_clipping_norm=clip)
-    if privacy.dp == "client_adaptive":
-        return DifferentialPrivacyClientSideAdaptiveClipping(
-            strategy, z, num_sampled, initial_clipping_norm=clip)
     return strategy
 
 
@@ -50,7 +40,9 @@ def fit_workflow(privacy: PrivacyConfig):
         reconstruction_threshold=privacy.secagg_reconstruction_threshold,
         clipping_range=float(privacy.secagg_clipping_range),  # Flower's mod needs a float
         quantization_range=privacy.secagg_quantization_range,
-        max_weight=privacy.secagg_max_weight,
+        # Under central DP every client reports weight 1 (see client_app): quantising
+        # weight/max_weight with a larger max_weight would drown the update in rounding.
+        max_weight=1 if privacy.dp in CENTRAL_DP else privacy.secagg_max_weight,
         timeout=privacy.secagg_timeout,
     )
 

@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
-from fl_app.config_schema import AppConfig, ConfigError, own_settings
+from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
 from fl_app.data import class_names, image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
 from fl_app.partition import load_split, load_test_set
-from fl_app.privacy import CENTRAL_DP, PrivacyBudget, fit_workflow, with_central_dp
+from fl_app.privacy import PrivacyBudget, fit_workflow, with_central_dp
 from fl_app.strategy import ValidatedStrategy, build_strategy
 from fl_app.workflow import ResumableWorkflow
 

@@ -38,8 +38,8 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-# Metrics a client reports that identify it rather than measure it: never averaged.
-ID_METRICS = ("partition_id",)
+# Metrics a client reports that identify or count it rather than measure it: never averaged.
+ID_METRICS = ("partition_id", "num_examples")
 
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -54,12 +54,8 @@ def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, 
     }
 
 
-def update_problem(
-    arrays: NDArrays, num_examples: int, expected: list[tuple[tuple[int, ...], np.dtype]]
-) -> str | None:
-    """Why a client update must not be averaged in, or None when it is sound."""
-    if num_examples < 1:
-        return f"num_examples is {num_examples}"
+def update_problem(arrays: NDArrays, expected: list[tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """Why a client update's arrays must not be averaged in, or None when they are sound."""
     if len(arrays) != len(expected):
         return f"{len(arrays)} arrays, expected {len(expected)}"
     for index, (array, (shape, dtype)) in enumerate(zip(arrays, expected)):
@@ -127,7 +123,9 @@ class ValidatedStrategy(Strategy):
 
     secure_aggregation: the results are SecAgg+'s (every client carries the same unmasked
     sum, in float64), so only that sum can be checked. equal_weights: every valid update
-    counts once, not by its examples, as differential privacy's noise assumes.
+    counts once, not by its examples, as differential privacy's noise assumes. Clients
+    under central DP already report num_examples=1 (the only way under SecAgg+, which
+    weighs inside the protocol); this holds it against a client that does not.
     """
 
     def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
@@ -167,13 +165,20 @@ class ValidatedStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         for failure in failures:
             log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
-        if self.secure_aggregation:
-            results = [(proxy, self._in_expected_dtypes(res)) for proxy, res in results]
+        if self.secure_aggregation and results:
+            # Every result carries the same unmasked sum, decoded, cast and checked once.
+            shared = self._in_model_dtypes(results[0][1].parameters)
+            for _, res in results:
+                res.parameters = shared
+        problems: dict[int, str | None] = {}  # id(parameters) -> what is wrong with them
         valid, rejected = [], []
         for proxy, res in results:
-            problem = update_problem(
-                parameters_to_ndarrays(res.parameters), res.num_examples, self._expected
-            )
+            if id(res.parameters) not in problems:
+                arrays = parameters_to_ndarrays(res.parameters)
+                problems[id(res.parameters)] = update_problem(arrays, self._expected)
+            problem = problems[id(res.parameters)]
+            if res.num_examples < 1:
+                problem = f"num_examples is {res.num_examples}"
             if problem:
                 log(WARNING, "Round %s: rejected update of client %s: %s", server_round, proxy.cid, problem)
                 rejected.append((proxy, res))
@@ -185,7 +190,9 @@ class ValidatedStrategy(Strategy):
         if silent:
             log(WARNING, "Round %s: %s client(s) did not reply within round_timeout", server_round, silent)
         record["clients_succeeded"] = len(valid)
-        record["train_examples"] = sum(res.num_examples for _, res in valid)
+        # Under central DP clients count once (num_examples=1) and report their real count.
+        record["train_examples"] = sum(int(res.metrics.get("num_examples", res.num_examples))
+                                       for _, res in valid)
         record["clients_failed"] = record["clients_sampled"] - len(valid)
         if len(valid) < self.min_fit_clients:
             log(
@@ -209,24 +216,17 @@ class ValidatedStrategy(Strategy):
             return None, {}
         record["status"] = "ok"
         record.update(metrics)
-        return self._keep_dtypes(parameters), metrics
+        return self._in_model_dtypes(parameters), metrics
 
-    def _in_expected_dtypes(self, res: FitRes) -> FitRes:
-        arrays = parameters_to_ndarrays(res.parameters)
-        if len(arrays) == len(self._expected):
-            arrays = [a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)]
-        return FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, dict(res.metrics))
+    def _in_model_dtypes(self, parameters: Parameters) -> Parameters:
+        """An aggregate in the global model's dtypes (shapes are left for validation).
 
-    def _keep_dtypes(self, parameters: Parameters | None) -> Parameters | None:
-        """The aggregate in the global model's dtypes.
-
-        Flower's FedAdam scales by a float64 factor, so its aggregate comes back float64;
-        clients would then return float32 updates, and every one would be rejected.
+        SecAgg+ unmasks its sum in float64, and Flower's FedAdam scales by a float64 factor;
+        left so, clients would return float32 updates, and every one would be rejected.
         """
-        if parameters is None:
-            return None
         arrays = parameters_to_ndarrays(parameters)
-        if all(a.dtype == dtype for a, (_, dtype) in zip(arrays, self._expected)):
+        if len(arrays) != len(self._expected) or all(
+                a.dtype == dtype for a, (_, dtype) in zip(arrays, self._expected)):
             return parameters
         return ndarrays_to_parameters([a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)])
 

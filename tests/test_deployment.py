@@ -72,6 +72,21 @@ def test_partners_train_over_tls_one_with_its_own_images_one_with_bad_data(feder
     assert "name: deployment" in (out / "config.yaml").read_text()
 
 
+def test_partners_aggregate_securely_with_client_side_dp(federation, tmp_path):
+    # privacy=secagg_dp: each SuperNode clips its update (Flower's mod) and masks it for
+    # SecAgg+, whose four stages travel through the SuperLink; the server noises the sum.
+    start_nodes(federation, **{f"n{i}": NODE.format(i) for i in range(3)})
+    out = tmp_path / "out"
+    log = federation.run(RUN.format(rounds=1, nodes=3) + " min_fit_clients=3 privacy=secagg_dp "
+                         f"privacy.noise_multiplier=0.01 output_dir={out}")
+    (record,) = metrics(out)
+    assert (record["clients_succeeded"], record["status"]) == (3, "ok"), record
+    assert record["epsilon"] > 0 and record["test_accuracy"] > 0.3, record
+    # Each client counted once in the sum, its 2,700 examples reported apart.
+    assert record["train_examples"] == 3 * 2700, record
+    assert "Secure aggregation commencing" in log
+
+
 def test_unregistered_or_plaintext_nodes_are_refused(federation):
     federation.register("known")
     nodes = {
