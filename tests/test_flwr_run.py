@@ -41,7 +41,8 @@ def flwr_env(tmp_path):
 
 def test_flwr_run_trains_and_matches_run_simulation(tmp_path, flwr_env):
     out = tmp_path / "run"
-    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 output_dir={out}"
+    # Each client trains on 4,000 images (80 % of its third held out, unused): quick, still learns.
+    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 dataset.val_fraction=0.8 output_dir={out}"
     result = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "--stream",
          "--run-config", f'overrides="{overrides}"',

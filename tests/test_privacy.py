@@ -197,16 +197,23 @@ def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
 
 
 # 4 clients, each training on 3,000 images (the other 80 % of its quarter held out, unused).
-SECAGG = ["num_clients=4", "min_fit_clients=3", "num_rounds=1", "fraction_evaluate=0",
+SECAGG = ["num_clients=4", "min_fit_clients=3", "fraction_evaluate=0",
           "dataset.val_fraction=0.8", "privacy=secagg", "privacy.secagg_num_shares=4",
           "privacy.secagg_reconstruction_threshold=3"]
 
 
-def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_path):
+def secagg_and_plain_runs(tmp_path, *overrides):
+    """The same federation with and without SecAgg+ (output dirs `plain` and `secagg`)."""
     plain, secure = tmp_path / "plain", tmp_path / "secagg"
     for run_dir, extra in ((plain, ["privacy=none"]), (secure, [])):
-        result = run_simulation_cli(*SECAGG, *extra, f"hydra.run.dir={run_dir}")
+        result = run_simulation_cli(*SECAGG, *extra, *overrides, f"output_dir={run_dir}",
+                                    f"hydra.run.dir={run_dir / 'logs'}")
         assert result.returncode == 0, result.stderr[-3000:]
+    return plain, secure
+
+
+def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_path):
+    plain, secure = secagg_and_plain_runs(tmp_path, "num_rounds=1")
     cfg = compose_config(SECAGG).privacy
     total = history(plain)[0]["train_examples"]
     assert history(secure)[0]["train_examples"] == total and history(secure)[0]["status"] == "ok"
@@ -217,6 +224,13 @@ def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_
     worst = max(np.abs(a - b).max() for a, b in zip(*weights))
     assert 0 < worst <= bound + 1e-6, (worst, bound)  # 1e-6: float32 rounding of the weights
     assert history(secure)[0]["test_accuracy"] == pytest.approx(history(plain)[0]["test_accuracy"], abs=0.005)
+
+    # Two more rounds of both (resumed): the accuracies still match.
+    secagg_and_plain_runs(tmp_path, "num_rounds=3", "resume=true")
+    final = [history(d)[-1] for d in (plain, secure)]
+    assert [r["round"] for r in final] == [3, 3] and final[1]["status"] == "ok"
+    assert final[0]["test_accuracy"] > history(plain)[0]["test_accuracy"]  # still learning
+    assert final[1]["test_accuracy"] == pytest.approx(final[0]["test_accuracy"], abs=0.01)
 
 
 DROPOUT_RUN = '''
@@ -246,7 +260,7 @@ run_simulation(server_app=build_server_app(cfg),
 def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
     script, out = tmp_path / "dropout_run.py", tmp_path / "run"
     script.write_text(DROPOUT_RUN)
-    result = subprocess.run([sys.executable, str(script), *SECAGG, f"output_dir={out}"],
+    result = subprocess.run([sys.executable, str(script), *SECAGG, "num_rounds=1", f"output_dir={out}"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = history(out)
@@ -257,7 +271,7 @@ def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
 
 def test_secagg_with_client_side_dp_learns_and_spends_epsilon(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_simulation_cli(*SECAGG, "privacy=secagg_dp", "privacy.noise_multiplier=0.01",
+    result = run_simulation_cli(*SECAGG, "num_rounds=1", "privacy=secagg_dp", "privacy.noise_multiplier=0.01",
                                 f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = history(run_dir)
