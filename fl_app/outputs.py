@@ -49,6 +49,7 @@ class Checkpoint(NamedTuple):
     round: int
     weights: list[np.ndarray]
     history: list[dict]
+    optimizer_state: dict[str, list[np.ndarray]] = {}  # the server optimiser's, by name
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -222,6 +223,8 @@ class RunOutputs:
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         arrays = {f"weight_{i:03d}": w for i, w in enumerate(checkpoint.weights)}
+        arrays |= {f"optimizer_{name}_{i:03d}": a for name, state in checkpoint.optimizer_state.items()
+                   for i, a in enumerate(state)}
         _write_atomically(
             self.checkpoint,
             lambda f: np.savez(
@@ -234,4 +237,9 @@ class RunOutputs:
             return None
         with np.load(self.checkpoint) as data:
             weights = [data[key] for key in sorted(data.files) if key.startswith("weight_")]
-            return Checkpoint(int(data["round"]), weights, json.loads(str(data["history"])))
+            optimizer_state: dict[str, list[np.ndarray]] = {}
+            for key in sorted(data.files):
+                if key.startswith("optimizer_"):  # optimizer_<name>_<index>
+                    optimizer_state.setdefault(key[len("optimizer_"):-4], []).append(data[key])
+            return Checkpoint(int(data["round"]), weights, json.loads(str(data["history"])),
+                              optimizer_state)

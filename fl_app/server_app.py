@@ -53,7 +53,8 @@ class RoundRecorder:
         log(INFO, "%s", progress_line(record, self.num_rounds))
         self.outputs.write_metrics(self.history)
         self.outputs.write_scalars(record)
-        self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history))
+        self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history,
+                                                self.strategy.optimizer_state()))
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
@@ -152,6 +153,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
             "learning_rate": cfg.learning_rate,
         },
     )
+    strategy.restore_optimizer_state(checkpoint.optimizer_state)
     budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
     recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,

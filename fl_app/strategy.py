@@ -75,6 +75,12 @@ def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExcep
     return f"client {proxy.cid}: {res.status.message}"
 
 
+# Server-optimiser state that Flower's strategies keep in attributes and never save (FedAdam,
+# FedYogi, FedAdagrad: m_t, v_t; FedAvgM: momentum_vector): checkpointed by fl_app so that a
+# resumed run continues the same optimisation (FedAvgM with momentum cannot resume without it).
+OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
+
+
 def _counted_once(res: FitRes) -> FitRes:
     return FitRes(res.status, res.parameters, 1, res.metrics)
 
@@ -115,7 +121,8 @@ def build_strategy(
     strategy = STRATEGIES[name](
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
-    return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation, equal_weights)
+    return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation, equal_weights,
+                             optimizer=strategy)
 
 
 class ValidatedStrategy(Strategy):
@@ -129,9 +136,10 @@ class ValidatedStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
-                 equal_weights: bool = False) -> None:
+                 equal_weights: bool = False, optimizer: Strategy | None = None) -> None:
         super().__init__()
         self.strategy = strategy
+        self.optimizer = optimizer or strategy  # the Flower strategy inside any wrapper
         self.min_fit_clients = min_fit_clients
         self.secure_aggregation = secure_aggregation
         self.equal_weights = equal_weights
@@ -141,6 +149,15 @@ class ValidatedStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"ValidatedStrategy({self.strategy!r})"
+
+    def optimizer_state(self) -> dict[str, list[np.ndarray]]:
+        """The server optimiser's state (OPTIMIZER_STATE), for the checkpoint."""
+        return {name: list(getattr(self.optimizer, name)) for name in OPTIMIZER_STATE
+                if getattr(self.optimizer, name, None) is not None}
+
+    def restore_optimizer_state(self, state: dict[str, list[np.ndarray]]) -> None:
+        for name, arrays in state.items():
+            setattr(self.optimizer, name, list(arrays))
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)

@@ -16,6 +16,7 @@ from flwr.common.constant import ErrorCode
 from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
+from fl_app.outputs import Checkpoint, RunOutputs
 from fl_app.strategy import (
     STRATEGIES,
     ValidatedStrategy,
@@ -203,3 +204,39 @@ def test_adaptive_server_optimisers_step_by_about_eta_towards_the_average(name):
     # The global model keeps its dtype (FedAdam computes in float64), so the clients'
     # float32 updates of the next round are accepted.
     assert [a.dtype for a in got] == [np.float32, np.float32]
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_resumed_server_optimiser_continues_exactly_as_without_the_crash(name, tmp_path):
+    settings = SETTINGS[name]
+    # Two clients' updates per round, all around the same target so the state matters.
+    targets = {1: (1.0, 2.0), 2: (2.0, 3.0), 3: (1.5, 2.5)}
+
+    def aggregate(strategy, proxies, server_round):
+        strategy.rounds[server_round] = {"round": server_round, "clients_sampled": 2}
+        results = [fit_result(p, arrays(t), 10, partition_id=i)
+                   for i, (p, t) in enumerate(zip(proxies, targets[server_round]))]
+        return parameters_to_ndarrays(strategy.aggregate_fit(server_round, results, [])[0])
+
+    strategy, proxies = start_round(2, name=name, **settings)
+    uninterrupted = [aggregate(strategy, proxies, r) for r in (1, 2, 3)]
+
+    crashed, proxies = start_round(2, name=name, **settings)
+    outputs = RunOutputs(tmp_path)
+    outputs.save_checkpoint(Checkpoint(1, aggregate(crashed, proxies, 1), [], crashed.optimizer_state()))
+    saved = outputs.load_checkpoint()
+    assert set(saved.optimizer_state) == ({"momentum_vector"} if name == "fedavgm" else {"m_t", "v_t"})
+    resumed = build_strategy(name, settings, saved.weights, min_fit_clients=2, min_available_clients=2)
+    resumed.restore_optimizer_state(saved.optimizer_state)
+    resumed.configure_fit(2, ndarrays_to_parameters(saved.weights), crashed_clients(proxies))
+    for server_round in (2, 3):
+        for got, want in zip(aggregate(resumed, proxies, server_round), uninterrupted[server_round - 1]):
+            np.testing.assert_array_equal(got, want)
+
+
+def crashed_clients(proxies) -> SimpleClientManager:
+    """The clients, connected again to the restarted server."""
+    manager = SimpleClientManager()
+    for proxy in proxies:
+        manager.register(proxy)
+    return manager
