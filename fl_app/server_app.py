@@ -51,10 +51,12 @@ class RoundRecorder:
         self.history.append(record)
         self.weights = weights
         log(INFO, "%s", progress_line(record, self.num_rounds))
-        self.outputs.write_metrics(self.history)
-        self.outputs.write_scalars(record)
+        # The checkpoint first: it decides whether a run exists to resume, and a resume
+        # rewrites the metrics from its history.
         self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history,
                                                 self.strategy.optimizer_state()))
+        self.outputs.write_metrics(self.history)
+        self.outputs.write_scalars(record)
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
