@@ -39,7 +39,8 @@ def flwr_env(tmp_path):
     stop_processes_under(home)
 
 
-def test_flwr_run_trains_and_matches_run_simulation(tmp_path, flwr_env):
+def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_env):
+    # Also the test of reproducibility: two runs, separate processes, the same seed.
     out = tmp_path / "run"
     # Each client trains on 4,000 images (80 % of its third held out, unused): quick, still learns.
     overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 dataset.val_fraction=0.8 output_dir={out}"
@@ -59,7 +60,8 @@ def test_flwr_run_trains_and_matches_run_simulation(tmp_path, flwr_env):
         assert (out / picture).stat().st_size > 1000, picture
     assert "num_clients: 3" in (out / "config.yaml").read_text()
 
-    # The other door, same overrides: the same composed config and the same rounds.
+    # The other door, same overrides: the same composed config and the same rounds, bit for
+    # bit (every client trains each round, so which virtual node is sampled cannot differ).
     other = tmp_path / "run_simulation"
     result = run_simulation_cli(*overrides.split()[:-1], f"output_dir={other}")
     assert result.returncode == 0, result.stderr[-3000:]

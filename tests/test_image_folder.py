@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import write_image_folder
-from PIL import Image
 
 from fl_app.data import DatasetError, class_names, load_dataset
 from fl_app.image_folder import load_image_folder

@@ -46,7 +46,7 @@ def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
     assert_plot(tmp_path)
 
 
-def test_parallel_sweep_with_joblib_runs_jobs_at_once_and_summarises(tmp_path):
+def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(tmp_path):
     result = run_simulation_cli(
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL_RUN, "num_rounds=1",
         "seed=1,2", f"hydra.sweep.dir={tmp_path}",
@@ -58,6 +58,9 @@ def test_parallel_sweep_with_joblib_runs_jobs_at_once_and_summarises(tmp_path):
     ]
     assert all(float(r["final_test_accuracy"]) > 0.8 for r in rows)
     assert_plot(tmp_path)
+    for job, seed in (("0", 1), ("1", 2)):
+        assert f"seed: {seed}" in (tmp_path / job / "config.yaml").read_text()
+        assert (tmp_path / job / "model.keras").is_file()
 
     # Each job ran in its own process with its own Ray, at the same time as the other.
     def span(job):
