@@ -257,6 +257,11 @@ def _check_privacy(cfg: AppConfig) -> None:
     _in_range("privacy.secagg_clipping_range", privacy.secagg_clipping_range, 0, inf, "()")
     _in_range("privacy.secagg_quantization_range", privacy.secagg_quantization_range, 2, 2**31)
     _in_range("privacy.secagg_max_weight", privacy.secagg_max_weight, 0, inf, "()")
+    if privacy.dp in CENTRAL_DP and privacy.secagg_max_weight != 1:
+        # Under central DP each client reports weight 1, which SecAgg+ quantises as
+        # 1 / max_weight: a larger max_weight rounds every update away.
+        raise ConfigError("privacy.secagg_max_weight", f"got {privacy.secagg_max_weight}, must be 1 "
+                          f"with central DP (privacy.dp={privacy.dp}): each client counts once")
     _in_range("privacy.secagg_timeout", privacy.secagg_timeout, 0, inf, "()")
     if cfg.min_fit_clients < privacy.secagg_reconstruction_threshold:
         raise ConfigError("min_fit_clients", f"got {cfg.min_fit_clients}, must be >= "

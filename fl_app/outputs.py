@@ -49,7 +49,7 @@ class Checkpoint(NamedTuple):
     round: int
     weights: list[np.ndarray]
     history: list[dict]
-    optimizer_state: dict[str, list[np.ndarray]] = {}  # the server optimiser's, by name
+    optimizer_state: dict[str, list[np.ndarray]]  # the server optimiser's, by name
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -40,9 +40,7 @@ def fit_workflow(privacy: PrivacyConfig):
         reconstruction_threshold=privacy.secagg_reconstruction_threshold,
         clipping_range=float(privacy.secagg_clipping_range),  # Flower's mod needs a float
         quantization_range=privacy.secagg_quantization_range,
-        # Under central DP every client reports weight 1 (see client_app): quantising
-        # weight/max_weight with a larger max_weight would drown the update in rounding.
-        max_weight=1 if privacy.dp in CENTRAL_DP else privacy.secagg_max_weight,
+        max_weight=privacy.secagg_max_weight,  # 1 under central DP (config_schema checks)
         timeout=privacy.secagg_timeout,
     )
 

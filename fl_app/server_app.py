@@ -96,7 +96,7 @@ def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
     if cfg.resume:
         log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
     shape = image_shape(cfg.dataset.name)
-    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, shape, cfg.seed), [])
+    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, shape, cfg.seed), [], {})
 
 
 def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:

@@ -183,17 +183,17 @@ class ValidatedStrategy(Strategy):
         for failure in failures:
             log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
         if self.secure_aggregation and results:
-            # Every result carries the same unmasked sum, decoded, cast and checked once.
+            # Every result carries the same unmasked sum: decoded, cast and checked once.
             shared = self._in_model_dtypes(results[0][1].parameters)
+            problem_of_sum = update_problem(parameters_to_ndarrays(shared), self._expected)
             for _, res in results:
                 res.parameters = shared
-        problems: dict[int, str | None] = {}  # id(parameters) -> what is wrong with them
         valid, rejected = [], []
         for proxy, res in results:
-            if id(res.parameters) not in problems:
-                arrays = parameters_to_ndarrays(res.parameters)
-                problems[id(res.parameters)] = update_problem(arrays, self._expected)
-            problem = problems[id(res.parameters)]
+            if self.secure_aggregation:
+                problem = problem_of_sum
+            else:
+                problem = update_problem(parameters_to_ndarrays(res.parameters), self._expected)
             if res.num_examples < 1:
                 problem = f"num_examples is {res.num_examples}"
             if problem:

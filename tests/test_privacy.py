@@ -169,6 +169,8 @@ def test_epsilon_grows_with_rounds_as_dp_accounting_says():
         (["privacy=central_dp", "privacy.noise_multiplier=0"], "privacy.noise_multiplier", "(0, inf)"),
         (["privacy.dp=gaussian"], "privacy.dp", "none, server_fixed, client_fixed, local"),
         (["privacy=client_dp", "privacy.dp=client_adaptive"], "privacy.dp", "moves its norm away"),
+        (["privacy=secagg", "privacy.dp=client_fixed"], "privacy.secagg_max_weight",
+         "must be 1 with central DP"),
     ],
 )
 def test_bad_privacy_settings_name_the_key(overrides, key, text):

@@ -33,7 +33,8 @@ def arrays(value: float) -> list[np.ndarray]:
 
 
 def start_round(
-    num_clients: int, min_fit_clients: int = 2, name: str = "fedavg", **settings
+    num_clients: int, min_fit_clients: int = 2, name: str = "fedavg", secure_aggregation: bool = False,
+    **settings
 ) -> tuple[ValidatedStrategy, list]:
     """A strategy that has configured round 1 for `num_clients` registered clients."""
     manager = SimpleClientManager()
@@ -41,7 +42,7 @@ def start_round(
     for proxy in proxies:
         manager.register(proxy)
     strategy = build_strategy(name, settings, arrays(0.0), min_fit_clients=min_fit_clients,
-                              min_available_clients=num_clients)
+                              min_available_clients=num_clients, secure_aggregation=secure_aggregation)
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(arrays(0.0)), manager)
     assert len(instructions) == num_clients
     return strategy, proxies
@@ -101,6 +102,22 @@ def test_round_with_too_few_valid_updates_keeps_the_model_and_is_marked_failed()
     assert parameters is None and metrics == {}
     assert strategy.rounds[1]["status"] == "failed"
     assert strategy.rounds[1]["clients_failed"] == 2
+
+
+@pytest.mark.parametrize("value", [2.0, np.nan])
+def test_secagg_sum_shared_by_all_results_is_cast_to_the_model_dtypes_and_checked(value, caplog):
+    # SecAgg+ hands every client's result the same unmasked aggregate, in float64.
+    strategy, proxies = start_round(3, secure_aggregation=True)
+    shared = ndarrays_to_parameters([a.astype(np.float64) for a in arrays(value)])
+    results = [(p, FitRes(Status(Code.OK, ""), shared, 100, {"partition_id": i})) for i, p in enumerate(proxies)]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    if np.isnan(value):  # a poisoned sum: no client's share of it is averaged in
+        assert parameters is None and strategy.rounds[1]["clients_failed"] == 3
+        assert caplog.text.count("holds NaN or Inf") == 3
+    else:
+        got = parameters_to_ndarrays(parameters)
+        assert all(a.dtype == np.float32 and np.all(a == 2.0) for a in got)
+        assert strategy.rounds[1]["clients_succeeded"] == 3
 
 
 def test_failed_and_silent_clients_are_counted_and_logged_with_their_reason(caplog):
