@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.machine_limit import samples_per_second
+from fl_app.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,12 +131,16 @@ def main() -> None:
 
     print(f"machine: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
     limits = {}
+    steps_per_execution = compose_config([]).steps_per_execution  # as fl_app trains
     for batch in sorted({s[4] for s in SETTINGS}):
         best = 0.0
-        for processes, threads in ((psutil.cpu_count(), 1), (1, psutil.cpu_count())):
-            rates = samples_per_second(batch, processes, threads)
-            print(f"machine limit B={batch}: {processes} process(es) x {threads} thread(s): "
-                  f"{summary(rates)} samples/s")
+        cores = psutil.cpu_count()
+        # The last arrangement is Keras' default of one batch per call, for reference.
+        for processes, threads, steps in ((cores, 1, steps_per_execution), (1, cores, steps_per_execution),
+                                          (cores, 1, 1)):
+            rates = samples_per_second(batch, processes, threads, steps)
+            print(f"machine limit B={batch}: {processes} process(es) x {threads} thread(s), "
+                  f"{steps} step(s) per execution: {summary(rates)} samples/s")
             best = max(best, statistics.median(rates))
         limits[batch] = best
 

@@ -78,13 +78,13 @@ class KerasClient(NumPyClient):
 
 @lru_cache(maxsize=1)
 def _worker_model(name: str, input_shape: tuple[int, int, int], optimizer: str, loss: str,
-                  num_threads: int, proximal: bool) -> keras.Model:
+                  num_threads: int, proximal: bool, steps_per_execution: int) -> keras.Model:
     """One compiled model per worker process, reused by every client it serves.
 
     Its learning rate is set at every fit from the server's fit config.
     """
     keras_model.limit_threads(num_threads)
-    return keras_model.build_model(name, input_shape, optimizer, loss, 1e-3, proximal)
+    return keras_model.build_model(name, input_shape, optimizer, loss, 1e-3, proximal, steps_per_execution)
 
 
 def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData:
@@ -132,6 +132,7 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
         cfg.loss,
         cfg.mode.num_cpus_per_client,
         proximal=cfg.strategy.name == "fedprox",  # the proximal term in the clients' loss
+        steps_per_execution=cfg.steps_per_execution,
     )
     partition_id = context.node_config.get("partition-id")  # none for a node's own images
     partition_id = None if partition_id is None else int(partition_id)

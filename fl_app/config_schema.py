@@ -140,6 +140,7 @@ class AppConfig:
     loss: str
     eval_every: int
     eval_batch_size: int
+    steps_per_execution: int
     target_accuracy: float | None
     round_timeout: float | None
     seed: int
@@ -278,7 +279,7 @@ def validate(cfg: AppConfig) -> None:
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("loss", cfg.loss, LOSSES)
     for key in ("num_rounds", "num_clients", "local_epochs", "batch_size", "eval_every",
-                "eval_batch_size"):
+                "eval_batch_size", "steps_per_execution"):
         _at_least(key, getattr(cfg, key), 1)
     _at_least("min_fit_clients", cfg.min_fit_clients, 1)
     _at_least("min_evaluate_clients", cfg.min_evaluate_clients, 0)

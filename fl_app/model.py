@@ -113,10 +113,12 @@ def build_model(
     loss: str,
     learning_rate: float,
     proximal: bool = False,
+    steps_per_execution: int = 1,
 ) -> keras.Model:
     """Build and compile a model from config names (see `conf/model`).
 
-    proximal=True wraps it for FedProx (`ProximalModel`).
+    proximal=True wraps it for FedProx (`ProximalModel`). steps_per_execution > 1 runs that
+    many batches per TensorFlow call: the same steps and weights, less Python per batch.
     """
     model = MODELS[name](input_shape)
     if proximal:
@@ -125,6 +127,7 @@ def build_model(
         optimizer=OPTIMIZERS[optimizer](learning_rate=learning_rate),
         loss=loss,
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return model
 

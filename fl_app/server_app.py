@@ -117,9 +117,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.mode.name == "simulation":  # in deployment only the partners know their data
         record_partitions(cfg, outputs)
-    model = keras_model.build_model(
-        cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate
-    )
+    model = keras_model.build_model(cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss,
+                                    cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary)
     outputs.write_model_summary(summary)

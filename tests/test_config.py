@@ -28,6 +28,7 @@ def test_defaults_are_the_documented_main_job():
         ("min_fit_clients=11", "min_fit_clients", "<= num_clients (10)"),
         ("batch_size=0", "batch_size", ">= 1"),
         ("eval_every=0", "eval_every", ">= 1"),
+        ("steps_per_execution=0", "steps_per_execution", ">= 1"),
         ("learning_rate=0", "learning_rate", "> 0"),
         ("optimizer=rmsprop", "optimizer", "sgd, adam"),
         ("dataset.name=cifar", "dataset.name", "mnist, fashion_mnist, cifar10"),

@@ -58,9 +58,10 @@ def test_training_learns_and_is_reproducible(data_root):
     assert all(np.allclose(x, y) for x, y in zip(runs[0][1], runs[1][1]))
 
 
-def train_from(start, data, proximal: bool, mu: float):
+def train_from(start, data, proximal: bool, mu: float, steps_per_execution: int = 1):
     """Weights after 2 SGD epochs from `start`, and their distance from it."""
-    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05, proximal=proximal)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05, proximal=proximal,
+                                    steps_per_execution=steps_per_execution)
     model.set_weights(start)
     keras_model.train(model, data.x_train, data.y_train, epochs=2, batch_size=32,
                       learning_rate=0.05, seed=1, proximal_mu=mu)
@@ -78,6 +79,16 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(da
     assert all(np.array_equal(a, b) for a, b in zip(plain, mu_zero))
     distances = [train_from(start, data, proximal=True, mu=mu)[1] for mu in (0.1, 1.0)]
     assert plain_distance == mu_zero_distance > distances[0] > distances[1]
+
+
+def test_steps_per_execution_changes_the_speed_not_the_weights(data_root):
+    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)  # 17 batches an epoch
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    for proximal, mu in ((False, 0.0), (True, 0.1)):
+        one_by_one = train_from(start, data, proximal, mu)[0]
+        for steps in (5, 64):  # neither divides 17
+            batched = train_from(start, data, proximal, mu, steps_per_execution=steps)[0]
+            assert all(np.array_equal(a, b) for a, b in zip(one_by_one, batched)), (proximal, steps)
 
 
 def test_proximal_mu_without_a_proximal_model_is_refused(data_root):
