@@ -184,10 +184,11 @@ class ValidatedStrategy(Strategy):
             log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
         if self.secure_aggregation and results:
             # Every result carries the same unmasked sum: decoded, cast and checked once.
-            shared = self._in_model_dtypes(results[0][1].parameters)
-            problem_of_sum = update_problem(parameters_to_ndarrays(shared), self._expected)
+            shared = self._in_model_dtypes(parameters_to_ndarrays(results[0][1].parameters))
+            problem_of_sum = update_problem(shared, self._expected)
+            encoded = ndarrays_to_parameters(shared)
             for _, res in results:
-                res.parameters = shared
+                res.parameters = encoded
         valid, rejected = [], []
         for proxy, res in results:
             if self.secure_aggregation:
@@ -233,19 +234,17 @@ class ValidatedStrategy(Strategy):
             return None, {}
         record["status"] = "ok"
         record.update(metrics)
-        return self._in_model_dtypes(parameters), metrics
+        return ndarrays_to_parameters(self._in_model_dtypes(parameters_to_ndarrays(parameters))), metrics
 
-    def _in_model_dtypes(self, parameters: Parameters) -> Parameters:
-        """An aggregate in the global model's dtypes (shapes are left for validation).
+    def _in_model_dtypes(self, arrays: NDArrays) -> NDArrays:
+        """Arrays cast to the global model's dtypes (shapes are left for validation).
 
         SecAgg+ unmasks its sum in float64, and Flower's FedAdam scales by a float64 factor;
         left so, clients would return float32 updates, and every one would be rejected.
         """
-        arrays = parameters_to_ndarrays(parameters)
-        if len(arrays) != len(self._expected) or all(
-                a.dtype == dtype for a, (_, dtype) in zip(arrays, self._expected)):
-            return parameters
-        return ndarrays_to_parameters([a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)])
+        if len(arrays) != len(self._expected):
+            return arrays
+        return [a if a.dtype == dtype else a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)]
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
