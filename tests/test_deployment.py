@@ -147,6 +147,12 @@ def test_superlink_killed_between_rounds_resumes_from_the_last_checkpoint(federa
     assert len(before) in (1, 2)
 
     federation.start_superlink()  # same port and state database; the nodes reconnect
+    # A node may still be training the killed run's round: its reply is refused once it
+    # is done. A new run's message that arrived before then was seen to go unanswered
+    # (Flower 1.42), so resubmit once every ClientApp a node started has replied.
+    wait_until(lambda: all(federation.log(node).count("Start `flwr-clientapp` process")
+                           == federation.log(node).count("Sending: ") for node in "ab"),
+               300, "the nodes to finish the killed run's round")
     log = federation.run(overrides + " resume=true")
     history = metrics(out)
     assert [r["round"] for r in history] == [1, 2, 3]
