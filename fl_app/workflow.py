@@ -3,8 +3,8 @@
 `flwr.server.workflow.DefaultWorkflow` always starts at round 1 from fresh parameters
 and offers no hook after a round, so a crashed run could not continue and nothing could
 be saved per round. This loop runs Flower's own per-round workflows (fit, then
-centralised and federated evaluation) on a `LegacyContext`, but it starts from given
-weights at a given round and calls back after every round. The fit step is
+centralised and federated evaluation side by side) on a `LegacyContext`, but it starts
+from given weights at a given round and calls back after every round. The fit step is
 pluggable exactly as in DefaultWorkflow, so `SecAggPlusWorkflow` slots in unchanged.
 Flower's per-round workflows wait for replies without a deadline; `round_timeout` gives
 them one, so a node that hangs (alive, heartbeating, never answering) cannot stall a round.
