@@ -124,8 +124,6 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     outputs.write_model_summary(summary)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
-        if server_round % cfg.eval_every and server_round != cfg.num_rounds:
-            return None  # not an evaluation round: FedAvg then skips centralised evaluation
         model.set_weights(weights)
         loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
         return loss, {"accuracy": accuracy}
@@ -158,7 +156,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
     recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
-                                 fit_workflow=fit_workflow(cfg.privacy))
+                                 evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 
     model.set_weights(recorder.weights)

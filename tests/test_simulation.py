@@ -32,8 +32,9 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
 
     history = read_metrics(run_dir)
     assert [r["round"] for r in history] == [1, 2, 3]
-    # eval_every=2: the server evaluates rounds 2 and 3 (the last) only.
+    # eval_every=2: the server and the clients evaluate rounds 2 and 3 (the last) only.
     assert ["test_accuracy" in r for r in history] == [False, True, True]
+    assert ["eval_accuracy" in r for r in history] == [False, True, True]
     last = history[-1]
     assert last["clients_sampled"] == 4 and last["clients_succeeded"] == 4
     assert last["clients_failed"] == 0 and last["status"] == "ok"
