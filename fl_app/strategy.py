@@ -234,17 +234,21 @@ class ValidatedStrategy(Strategy):
             return None, {}
         record["status"] = "ok"
         record.update(metrics)
-        return ndarrays_to_parameters(self._in_model_dtypes(parameters_to_ndarrays(parameters))), metrics
+        arrays = parameters_to_ndarrays(parameters)
+        cast = self._in_model_dtypes(arrays)
+        return (parameters if cast is arrays else ndarrays_to_parameters(cast)), metrics
 
     def _in_model_dtypes(self, arrays: NDArrays) -> NDArrays:
-        """Arrays cast to the global model's dtypes (shapes are left for validation).
+        """Arrays cast to the global model's dtypes (shapes are left for validation);
+        `arrays` itself when nothing needs a cast.
 
         SecAgg+ unmasks its sum in float64, and Flower's FedAdam scales by a float64 factor;
         left so, clients would return float32 updates, and every one would be rejected.
         """
-        if len(arrays) != len(self._expected):
+        if len(arrays) != len(self._expected) or all(
+                a.dtype == dtype for a, (_, dtype) in zip(arrays, self._expected)):
             return arrays
-        return [a if a.dtype == dtype else a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)]
+        return [a.astype(dtype) for a, (_, dtype) in zip(arrays, self._expected)]
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
