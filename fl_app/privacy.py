@@ -68,6 +68,7 @@ class PrivacyBudget:
         self.accountant.compose(self.event, count=rounds)
         return self.accountant.get_epsilon(self.delta)
 
-    def next_round_exceeds_target(self) -> bool:
+    def exceeds_target_within(self, rounds: int) -> bool:
+        """Whether `rounds` more rounds would take ε above the target (never without one)."""
         return self.target_epsilon is not None and self.accountant.would_exceed(
-            self.event, max_epsilon=self.target_epsilon)
+            self.event, max_epsilon=self.target_epsilon, count=rounds)

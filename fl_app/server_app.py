@@ -60,12 +60,17 @@ class RoundRecorder:
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
-        spent = self.budget is not None and self.budget.next_round_exceeds_target()
+        spent = self.budget is not None and self.budget.exceeds_target_within(1)
         if spent and server_round < self.num_rounds:
             log(INFO, "Stopping after round %s: another round would take epsilon above %s "
                 "(now %.3f at delta %s)", server_round, self.budget.target_epsilon,
                 record["epsilon"], self.budget.delta)
         return reached or spent
+
+    def budget_ends_with(self, server_round: int) -> bool:
+        """Whether the privacy budget ends the run after `server_round`; asked before that
+        round is spent, so that the run's last model is evaluated whatever `eval_every` says."""
+        return self.budget is not None and self.budget.exceeds_target_within(2)
 
 
 def progress_line(record: dict, num_rounds: int) -> str:
@@ -156,7 +161,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
     recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
-                                 evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
+                                 evaluate_every=cfg.eval_every, ends_with=recorder.budget_ends_with,
+                                 fit_workflow=fit_workflow(cfg.privacy))
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
 
     model.set_weights(recorder.weights)

@@ -185,14 +185,16 @@ def history(run_dir):
 
 def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
     # 10 clients, all sampled: epsilon after rounds 1, 2, 3 is about 96, 166, 231 at z=0.1.
+    # eval_every=3 would skip round 2, but the run's last model is evaluated all the same.
     run_dir = tmp_path / "run"
     result = run_simulation_cli(
-        "num_clients=10", "num_rounds=3", "fraction_evaluate=0", "privacy=central_dp",
+        "num_clients=10", "num_rounds=3", "fraction_evaluate=0", "eval_every=3", "privacy=central_dp",
         "privacy.noise_multiplier=0.1", "privacy.target_epsilon=200", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = history(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]  # a third round would pass epsilon 200
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 200
+    assert "test_accuracy" not in rounds[0]
     assert rounds[-1]["test_accuracy"] > 0.3, rounds  # chance is 0.1
     log = (run_dir / "run_simulation.log").read_text()
     assert "| epsilon " in log and "another round would take epsilon above 200" in log
