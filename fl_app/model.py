@@ -153,18 +153,17 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
     optimizer.learning_rate.assign(learning_rate)
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None) -> tf.data.Dataset:
-    """Batches of (x, y), reshuffled each epoch when seeded (training).
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Training batches of (x, y), reshuffled (seeded) each epoch.
 
-    Keras turns NumPy arrays into a tf.data pipeline of its own at every call, which cost
-    0.2-0.3 s per evaluation of 600 images here (this one: 0.05 s), and with autotune on
-    left some fits idle for seconds; so autotune is off.
+    Keras turns NumPy arrays into a tf.data pipeline of its own at every call, which costs
+    more (for 600 images: 0.088 s against 0.044 s for this one, measured in an evaluation),
+    and with autotune on left some fits idle for seconds; so autotune is off.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
     data = tf.data.Dataset.from_tensor_slices((x, y))
-    if seed is not None:
-        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return data.batch(batch_size).prefetch(1).with_options(options)
 
 
@@ -196,8 +195,17 @@ def train(
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Return (loss, accuracy) of the model's current weights on (x, y)."""
-    loss, accuracy = model.evaluate(_batches(x, y, batch_size, seed=None), verbose=0)
+    """Return (loss, accuracy) of the model's current weights on (x, y).
+
+    Batch by batch through Keras' `test_on_batch`, averaged by batch size as `evaluate`
+    does: `evaluate` builds an input pipeline at every call, which made up 40 % of a
+    client's evaluation of 600 images (0.044 s a call, 0.024 s this way).
+    """
+    if not len(x):
+        raise ValueError("nothing to evaluate on: no images given")
+    starts = range(0, len(x), batch_size)
+    results = [model.test_on_batch(x[i:i + batch_size], y[i:i + batch_size]) for i in starts]
+    loss, accuracy = np.average(results, axis=0, weights=[len(y[i:i + batch_size]) for i in starts])
     return float(loss), float(accuracy)
 
 

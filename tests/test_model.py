@@ -69,6 +69,17 @@ def train_from(start, data, proximal: bool, mu: float, steps_per_execution: int 
     return weights, np.sqrt(sum(np.sum((w - s) ** 2) for w, s in zip(weights, start)))
 
 
+def test_evaluation_in_batches_equals_keras_evaluate(data_root):
+    # 600 images in batches of 256: the last, short batch must weigh by its size.
+    data = load_client_data("mnist", str(data_root), "iid", 0, 10, 0.1, seed=0)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.01)
+    model.set_weights(keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0))
+    expected = model.evaluate(data.x_val, data.y_val, batch_size=256, verbose=0)
+    assert np.allclose(keras_model.evaluate(model, data.x_val, data.y_val, 256), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        keras_model.evaluate(model, data.x_val[:0], data.y_val[:0], 256)
+
+
 def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(data_root):
     data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)  # 540 images
     start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
