@@ -1,10 +1,12 @@
-"""Summaries of Hydra multirun sweeps: one table and one plot comparing every job.
+"""Hydra multirun sweeps: every job's config checked first, then one table and one plot
+comparing every job.
 
-`python run_simulation.py -m seed=1,2 local_epochs=1,5` writes, next to the job
-directories, `summary.csv`, `summary.md` (one row per job) and `summary.png` (every job's
-test accuracy per round); when jobs ran with central DP, `privacy.png` (final test
-accuracy against the ε each spent). No Flower or TensorFlow here: Hydra loads this callback in
-every run, also in one that stops at a bad config within a second.
+`python run_simulation.py -m seed=1,2 local_epochs=1,5` checks the configs of all four jobs
+before the first one trains (`SweepCheck`), and writes, next to the job directories,
+`summary.csv`, `summary.md` (one row per job) and `summary.png` (every job's test accuracy
+per round); when jobs ran with central DP, `privacy.png` (final test accuracy against the
+ε each spent). No Flower or TensorFlow here: Hydra loads these callbacks in every run, also
+in one that stops at a bad config within a second.
 """
 
 import csv
@@ -12,15 +14,22 @@ import fcntl
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
+
+from fl_app.config import to_app_config
+from fl_app.config_schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,25 @@ COLUMNS = (
 ACCURACY_COLUMNS = {"final_test_accuracy", "best_test_accuracy"}
 # Hydra's job status; UNKNOWN: the job is running, or was killed.
 STATUS = {JobStatus.COMPLETED.name: "ok", JobStatus.FAILED.name: "failed"}
+
+
+class SweepCheck(Callback):
+    """Hydra callback (conf/config.yaml, `hydra.callbacks`) that checks every job's config
+    before a multirun starts: a bad value in the last job stops the sweep before the first
+    job trains, naming the job and the key. Hydra itself checks only that each job's config
+    composes; fl_app's checks (`to_app_config`) would otherwise run in each job as it starts.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The jobs as Hydra's basic sweeper expands them: its `params`, then the command line.
+        params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        for num, job in enumerate(BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]):
+            try:
+                to_app_config(compose(config_name=config.hydra.job.config_name, overrides=job))
+            except ConfigError as err:
+                log.error("Sweep job %s (%s): %s. No job has run.", num, " ".join(job), err)
+                sys.exit(2)  # Hydra turns exceptions in callbacks into warnings, not this
 
 
 class SweepSummary(Callback):

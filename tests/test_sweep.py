@@ -1,5 +1,6 @@
-"""Sweep summaries (fl_app/sweep.py): real `-m` sweeps, sequential and in parallel, and the
-summary of hand-written job directories (target not reached, no target, failed jobs)."""
+"""Sweeps (fl_app/sweep.py): real `-m` sweeps, sequential and in parallel, a sweep with one
+bad job, and the summary of hand-written job directories (target not reached, no target,
+failed jobs)."""
 
 import csv
 import json
@@ -70,6 +71,18 @@ def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(
 
     (start0, end0), (start1, end1) = span("0"), span("1")
     assert start0 < end1 and start1 < end0
+
+
+def test_a_bad_value_in_any_job_stops_the_sweep_before_the_first_job_trains(tmp_path):
+    result = run_simulation_cli(
+        "-m", *SMALL_RUN, "num_rounds=1", "seed=1,2", "learning_rate=0.01,-1", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    # Jobs 0..3 are (seed, learning_rate) = (1, 0.01), (1, -1), (2, 0.01), (2, -1).
+    assert "Sweep job 1 (" in output and "learning_rate=-1" in output and "No job has run" in output
+    assert "learning_rate" in output.split("No job has run")[0].split("):", 1)[1]  # the key named
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("job.yaml"))
 
 
 def write_job(sweep_dir, num, overrides, status, target=None, accuracies=None):
