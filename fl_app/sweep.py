@@ -61,7 +61,8 @@ class SweepCheck(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The jobs as Hydra's basic sweeper expands them: its `params`, then the command line.
+        # The jobs as Hydra's basic sweeper (the one fl_app runs) expands them, with its own
+        # code: the sweeper's `params`, then the command line's overrides.
         params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
         overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
         for num, job in enumerate(BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]):
