@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_app.config import CONF_DIR, to_app_config
+from fl_app.config import CONF_DIR, to_simulation_config
 from fl_app.config_schema import ConfigError
 from fl_app.data import DatasetError
 
@@ -35,13 +35,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.output_dir is None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
-        app_cfg = to_app_config(cfg)
-        if app_cfg.mode.name != "simulation":
-            raise ConfigError(
-                "mode",
-                f"run_simulation.py runs mode=simulation only; a {app_cfg.mode.name} run is "
-                "submitted with `flwr run . <connection>` (docs/deployment.md)",
-            )
+        app_cfg = to_simulation_config(cfg)
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)

@@ -1,7 +1,7 @@
 """The one place where Hydra's composed config meets Flower's run config.
 
 Both doors end in the same validated `AppConfig`:
-- `python run_simulation.py k=v ...`: Hydra composes `conf/` and `to_app_config` checks it;
+- `python run_simulation.py k=v ...`: Hydra composes `conf/` and `to_simulation_config` checks it;
 - `flwr run . --run-config 'overrides="k=v ..."'`: Flower hands the ServerApp and each
   ClientApp the run config, and `from_run_config` composes `conf/` with those overrides.
 Flower's run config only holds flat scalars declared in pyproject.toml, so it carries the
@@ -44,6 +44,18 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     assert isinstance(app_cfg, AppConfig)
     # Workers may run in another working directory: pin the data root now.
     app_cfg.dataset.data_dir = str(Path(app_cfg.dataset.data_dir).expanduser().resolve())
+    return app_cfg
+
+
+def to_simulation_config(cfg: DictConfig) -> AppConfig:
+    """`to_app_config` for `run_simulation.py` (each job of a sweep too): mode=simulation only."""
+    app_cfg = to_app_config(cfg)
+    if app_cfg.mode.name != "simulation":
+        raise ConfigError(
+            "mode",
+            f"run_simulation.py runs mode=simulation only; a {app_cfg.mode.name} run is "
+            "submitted with `flwr run . <connection>` (docs/deployment.md)",
+        )
     return app_cfg
 
 

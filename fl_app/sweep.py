@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
-from fl_app.config import to_app_config
+from fl_app.config import to_simulation_config
 from fl_app.config_schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class SweepCheck(Callback):
     """Hydra callback (conf/config.yaml, `hydra.callbacks`) that checks every job's config
     before a multirun starts: a bad value in the last job stops the sweep before the first
     job trains, naming the job and the key. Hydra itself checks only that each job's config
-    composes; fl_app's checks (`to_app_config`) would otherwise run in each job as it starts.
+    composes; fl_app's checks (`to_simulation_config`) would otherwise run in each job as it starts.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -67,7 +67,7 @@ class SweepCheck(Callback):
         overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
         for num, job in enumerate(BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]):
             try:
-                to_app_config(compose(config_name=config.hydra.job.config_name, overrides=job))
+                to_simulation_config(compose(config_name=config.hydra.job.config_name, overrides=job))
             except ConfigError as err:
                 log.error("Sweep job %s (%s): %s. No job has run.", num, " ".join(job), err)
                 sys.exit(2)  # Hydra turns exceptions in callbacks into warnings, not this
