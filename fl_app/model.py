@@ -153,18 +153,19 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
     optimizer.learning_rate.assign(learning_rate)
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Training batches of (x, y), reshuffled (seeded) each epoch.
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
+    """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch.
 
-    Keras turns NumPy arrays into a tf.data pipeline of its own at every call, which costs
-    more (for 600 images: 0.088 s against 0.044 s for this one, measured in an evaluation),
-    and with autotune on left some fits idle for seconds; so autotune is off.
+    One stream rather than one Keras epoch per local epoch: Keras' per-epoch work (a new
+    iterator, callbacks, a metrics read-back) cost a client of 540 images and 5 epochs
+    about 5 % of its training. Keras turns NumPy arrays into a tf.data pipeline of its
+    own with autotune on, which left some fits idle for seconds here; so autotune is off.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
     data = tf.data.Dataset.from_tensor_slices((x, y))
     data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return data.batch(batch_size).prefetch(1).with_options(options)
+    return data.batch(batch_size).repeat(epochs).prefetch(1).with_options(options)
 
 
 def train(
@@ -178,7 +179,10 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train in place from the model's current weights; return last-epoch loss/accuracy.
+    """Train in place from the model's current weights for `epochs` passes over (x, y).
+
+    Returns loss and accuracy averaged over all of the local training, as TensorFlow
+    Federated reports a client's training metrics.
 
     With a `ProximalModel`, `proximal_mu` > 0 keeps the weights near their starting point.
     """
@@ -187,7 +191,7 @@ def train(
         model.set_anchor(proximal_mu)
     elif proximal_mu:
         raise ValueError("proximal_mu needs a model built with proximal=True")
-    history = model.fit(_batches(x, y, batch_size, seed), epochs=epochs, shuffle=False, verbose=0)
+    history = model.fit(_batches(x, y, batch_size, epochs, seed), epochs=1, shuffle=False, verbose=0)
     return {
         "train_loss": float(history.history["loss"][-1]),
         "train_accuracy": float(history.history["accuracy"][-1]),
