@@ -6,6 +6,8 @@ the clients' side (clipping, local noise, SecAgg+ masking) are Flower's client m
 chosen in `client_app.py`.
 """
 
+import bisect
+
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -68,7 +70,10 @@ class PrivacyBudget:
         self.accountant.compose(self.event, count=rounds)
         return self.accountant.get_epsilon(self.delta)
 
-    def exceeds_target_within(self, rounds: int) -> bool:
-        """Whether `rounds` more rounds would take ε above the target (never without one)."""
-        return self.target_epsilon is not None and self.accountant.would_exceed(
-            self.event, max_epsilon=self.target_epsilon, count=rounds)
+    def rounds_within_target(self, max_rounds: int) -> int:
+        """How many more rounds (at most `max_rounds`) keep ε within the target (all
+        without one). ε only grows with rounds, so a bisection finds the last one."""
+        if self.target_epsilon is None:
+            return max_rounds
+        return bisect.bisect_left(range(1, max_rounds + 1), True, key=lambda rounds: self.accountant.would_exceed(
+            self.event, max_epsilon=self.target_epsilon, count=rounds))

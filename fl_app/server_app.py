@@ -27,8 +27,7 @@ from fl_app.workflow import ResumableWorkflow
 
 class RoundRecorder:
     """After each round: log a progress line, write metrics (files and TensorBoard),
-    checkpoint atomically, and end the run once the test accuracy reaches `target_accuracy`,
-    or once another round would spend more than the privacy budget's target ε (if set)."""
+    checkpoint atomically, and end the run once the test accuracy reaches `target_accuracy`."""
 
     def __init__(self, outputs: RunOutputs, strategy: ValidatedStrategy, num_rounds: int,
                  checkpoint: Checkpoint, target_accuracy: float | None,
@@ -38,8 +37,6 @@ class RoundRecorder:
         self.num_rounds = num_rounds
         self.target_accuracy = target_accuracy
         self.budget = budget
-        if budget is not None and checkpoint.round:
-            budget.spend(checkpoint.round)  # the rounds before a resume spent it too
         self.history = list(checkpoint.history)
         self.weights = checkpoint.weights
 
@@ -60,17 +57,7 @@ class RoundRecorder:
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
-        spent = self.budget is not None and self.budget.exceeds_target_within(1)
-        if spent and server_round < self.num_rounds:
-            log(INFO, "Stopping after round %s: another round would take epsilon above %s "
-                "(now %.3f at delta %s)", server_round, self.budget.target_epsilon,
-                record["epsilon"], self.budget.delta)
-        return reached or spent
-
-    def budget_ends_with(self, server_round: int) -> bool:
-        """Whether the privacy budget ends the run after `server_round`; asked before that
-        round is spent, so that the run's last model is evaluated whatever `eval_every` says."""
-        return self.budget is not None and self.budget.exceeds_target_within(2)
+        return reached
 
 
 def progress_line(record: dict, num_rounds: int) -> str:
@@ -84,6 +71,24 @@ def progress_line(record: dict, num_rounds: int) -> str:
         f"test loss {fmt('test_loss')} acc {fmt('test_accuracy')} | {record['round_seconds']:.1f} s"
         + (f" | epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
     )
+
+
+def _last_round(cfg: AppConfig, budget: PrivacyBudget | None, rounds_done: int) -> int:
+    """`num_rounds`, or the last round within the privacy budget: decided before the run
+    starts, so the workflow evaluates that round's model as the last one."""
+    if budget is None:
+        return cfg.num_rounds
+    last = rounds_done + budget.rounds_within_target(cfg.num_rounds - rounds_done)
+    if last == 0:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            f"one round already takes epsilon above {budget.target_epsilon} at delta "
+            f"{budget.delta}; raise it, privacy.noise_multiplier or the clients per round",
+        )
+    if last < cfg.num_rounds:
+        log(INFO, "The privacy budget allows %s of %s rounds: another round would take epsilon "
+            "above %s at delta %s", last, cfg.num_rounds, budget.target_epsilon, budget.delta)
+    return last
 
 
 def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
@@ -159,11 +164,13 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     )
     strategy.restore_optimizer_state(checkpoint.optimizer_state)
     budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
-    recorder = RoundRecorder(outputs, strategy, cfg.num_rounds, checkpoint, cfg.target_accuracy, budget)
+    if budget is not None and checkpoint.round:
+        budget.spend(checkpoint.round)  # the rounds before a resume spent it too
+    num_rounds = _last_round(cfg, budget, checkpoint.round)
+    recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
-                                 evaluate_every=cfg.eval_every, ends_with=recorder.budget_ends_with,
-                                 fit_workflow=fit_workflow(cfg.privacy))
-    workflow(grid, LegacyContext(context, ServerConfig(num_rounds=cfg.num_rounds), strategy))
+                                 evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
+    workflow(grid, LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy))
 
     model.set_weights(recorder.weights)
     model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots

@@ -51,8 +51,7 @@ class DeadlineGrid:
 
 class ResumableWorkflow:
     """Run rounds `first_round..num_rounds` starting from `weights`, evaluating (server
-    and clients) every `evaluate_every` rounds and at the last: `num_rounds`, or an earlier
-    one for which `ends_with(round)` says in advance that the run ends with it."""
+    and clients) every `evaluate_every` rounds and at the last."""
 
     def __init__(
         self,
@@ -61,7 +60,6 @@ class ResumableWorkflow:
         on_round_end: RoundEndFn,
         round_timeout: float | None = None,
         evaluate_every: int = 1,
-        ends_with: Callable[[int], bool] = lambda server_round: False,
         fit_workflow: Workflow = default_fit_workflow,
         evaluate_workflow: Workflow = default_evaluate_workflow,
     ) -> None:
@@ -70,7 +68,6 @@ class ResumableWorkflow:
         self.on_round_end = on_round_end
         self.round_timeout = round_timeout
         self.evaluate_every = evaluate_every
-        self.ends_with = ends_with
         self.fit_workflow = fit_workflow
         self.evaluate_workflow = evaluate_workflow
 
@@ -88,8 +85,7 @@ class ResumableWorkflow:
                 loop_config[Key.CURRENT_ROUND] = server_round
                 started = time.perf_counter()
                 self.fit_workflow(grid, context)
-                if (server_round % self.evaluate_every == 0 or server_round == context.config.num_rounds
-                        or self.ends_with(server_round)):
+                if server_round % self.evaluate_every == 0 or server_round == context.config.num_rounds:
                     # Both evaluations read the same new global model. The server evaluates while
                     # the clients do: alone, its test-set pass (0.3 s for MNIST) left them idle.
                     evaluated = central.submit(default_centralized_evaluation_workflow, grid, context)

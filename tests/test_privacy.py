@@ -25,6 +25,7 @@ from fl_app.client_app import build_client_app
 from fl_app.config import compose_config
 from fl_app.config_schema import ConfigError
 from fl_app.privacy import PrivacyBudget, with_central_dp
+from fl_app.server_app import _last_round
 from fl_app.strategy import build_strategy
 
 
@@ -156,6 +157,27 @@ def test_epsilon_grows_with_rounds_as_dp_accounting_says():
     event = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(1.0))
     accountant.compose(event, 5)
     assert spent[-1] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_the_budget_sets_the_last_round_before_the_run_starts():
+    # 10 clients, all sampled, z=0.1: epsilon after rounds 1, 2, 3 is about 96, 166, 231.
+    cfg = compose_config(["num_clients=10", "num_rounds=5", "privacy=central_dp",
+                          "privacy.noise_multiplier=0.1", "privacy.target_epsilon=200"])
+
+    def budget(target_epsilon=200.0, rounds_done=0):
+        spent = PrivacyBudget(dataclasses.replace(cfg.privacy, target_epsilon=target_epsilon), 10, 10)
+        if rounds_done:
+            spent.spend(rounds_done)
+        return spent
+
+    assert _last_round(cfg, budget(), 0) == 2
+    assert _last_round(cfg, budget(rounds_done=1), 1) == 2  # a resumed run
+    assert _last_round(cfg, budget(rounds_done=2), 2) == 2  # nothing left to run
+    assert _last_round(cfg, budget(target_epsilon=None), 0) == _last_round(cfg, None, 0) == 5
+    assert _last_round(cfg, budget(target_epsilon=1000), 0) == 5
+    with pytest.raises(ConfigError) as err:
+        _last_round(cfg, budget(target_epsilon=50), 0)
+    assert err.value.key == "privacy.target_epsilon" and "one round already" in str(err.value)
 
 
 @pytest.mark.parametrize(
