@@ -133,10 +133,12 @@ def machine_limit(batch: int, arrangement: tuple[int, int, int]) -> float:
 
 
 def efficiency(rate: float, limits: list[float]) -> str:
-    """A run's rate against the mean of the machine limit measured just before and after it."""
+    """A run's rate against the mean of the machine limit measured just before and after it,
+    and against each of the two: the range says how far the limit drifted during the run."""
     before, after = limits[-2:]
     return (f"efficiency {rate / ((before + after) / 2):.2f} of the machine limit "
-            f"(measured before/after the run: {before:,.0f}/{after:,.0f})")
+            f"({rate / max(before, after):.2f}-{rate / min(before, after):.2f} against the limit "
+            f"measured before/after the run: {before:,.0f}/{after:,.0f})")
 
 
 def main() -> None:
