@@ -1,6 +1,7 @@
 """Measure fl_app's simulation against the machine limit and a plain Flower app, in one run.
 
     FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.run [--rounds 5] [--skip-scale]
+        [--settings a b] [--repeats 1]
 
 Prints, side by side: plain Keras samples/s (the machine limit), fl_app's and a
 quickstart-style Flower app's training throughput in settings (a) and (b) with their
@@ -47,8 +48,9 @@ FL_APP_VARIANTS = [
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):,.0f} (min {min(values):,.0f}, max {max(values):,.0f})"
+def summary(values: list[float], digits: int = 0) -> str:
+    return (f"{statistics.median(values):,.{digits}f} "
+            f"(min {min(values):,.{digits}f}, max {max(values):,.{digits}f})")
 
 
 def tree_rss_gib(proc: psutil.Process) -> float:
@@ -132,11 +134,16 @@ def machine_limit(batch: int, arrangement: tuple[int, int, int]) -> float:
     return statistics.median(samples_per_second(batch, *arrangement, repeats=3))
 
 
+def limit_around(limits: list[float]) -> float:
+    """The machine limit during a run: the mean of the two measured just before and after it."""
+    return statistics.mean(limits[-2:])
+
+
 def efficiency(rate: float, limits: list[float]) -> str:
-    """A run's rate against the mean of the machine limit measured just before and after it,
-    and against each of the two: the range says how far the limit drifted during the run."""
+    """A run's rate against the machine limit around it, and against each of the two
+    measurements: that range says how far the limit drifted during the run."""
     before, after = limits[-2:]
-    return (f"efficiency {rate / ((before + after) / 2):.2f} of the machine limit "
+    return (f"efficiency {rate / limit_around(limits):.2f} of the machine limit "
             f"({rate / max(before, after):.2f}-{rate / min(before, after):.2f} against the limit "
             f"measured before/after the run: {before:,.0f}/{after:,.0f})")
 
@@ -145,12 +152,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (round 1 is warm-up)")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 1,000/10,000-client runs")
+    parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS],
+                        default=[s[0] for s in SETTINGS], help="the settings to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each fl_app configuration, taken in turn; with more than "
+                             "one, their efficiencies are summarised per configuration")
     args = parser.parse_args()
 
     print(f"machine: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
     fastest = {}  # batch size -> the arrangement (processes, threads, steps) of the machine limit
     steps_per_execution = compose_config([]).steps_per_execution  # as fl_app trains
-    for batch in sorted({s[4] for s in SETTINGS}):
+    settings = [s for s in SETTINGS if s[0] in args.settings]
+    for batch in sorted({s[4] for s in settings}):
         cores = psutil.cpu_count()
         # The last arrangement is Keras' default of one batch per call, for reference.
         arrangements = ((cores, 1, steps_per_execution), (1, cores, steps_per_execution), (cores, 1, 1))
@@ -162,7 +175,7 @@ def main() -> None:
             medians[arrangement] = statistics.median(rates)
         fastest[batch] = max(medians, key=medians.get)
 
-    for name, clients, fraction, epochs, batch in SETTINGS:
+    for name, clients, fraction, epochs, batch in settings:
         setting = (clients, fraction, epochs, batch, args.rounds)
         print(f"\nsetting ({name}): {clients} clients, fraction_fit={fraction}, E={epochs}, B={batch}")
         limits = [machine_limit(batch, fastest[batch])]  # measured again after every run
@@ -171,13 +184,19 @@ def main() -> None:
         plain_rate = statistics.median(plain["rates"])
         print(f"  plain Flower: {summary(plain['rates'])} samples/s, {efficiency(plain_rate, limits)}, "
               f"peak memory {plain['peak_gib']:.2f} GiB")
-        for label, overrides in FL_APP_VARIANTS:
-            ours = fl_app_run(*setting, *overrides)
-            limits.append(machine_limit(batch, fastest[batch]))
-            ours_rate = statistics.median(ours["rates"])
-            print(f"  fl_app, {label}: {summary(ours['rates'])} samples/s, {efficiency(ours_rate, limits)}, "
-                  f"{ours_rate / plain_rate:.2f}x plain Flower; "
-                  f"start-up {ours['startup']:.1f} s, peak memory {ours['peak_gib']:.2f} GiB")
+        efficiencies = {label: [] for label, _ in FL_APP_VARIANTS}
+        for _ in range(args.repeats):
+            for label, overrides in FL_APP_VARIANTS:
+                ours = fl_app_run(*setting, *overrides)
+                limits.append(machine_limit(batch, fastest[batch]))
+                ours_rate = statistics.median(ours["rates"])
+                efficiencies[label].append(ours_rate / limit_around(limits))
+                print(f"  fl_app, {label}: {summary(ours['rates'])} samples/s, {efficiency(ours_rate, limits)}, "
+                      f"{ours_rate / plain_rate:.2f}x plain Flower; "
+                      f"start-up {ours['startup']:.1f} s, peak memory {ours['peak_gib']:.2f} GiB")
+        if args.repeats > 1:
+            for label, values in efficiencies.items():
+                print(f"  fl_app, {label}: efficiency {summary(values, 2)} over {len(values)} runs")
 
     if not args.skip_scale:
         print()
