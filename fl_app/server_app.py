@@ -83,7 +83,7 @@ def _last_round(cfg: AppConfig, budget: PrivacyBudget | None, rounds_done: int) 
         raise ConfigError(
             "privacy.target_epsilon",
             f"one round already takes epsilon above {budget.target_epsilon} at delta "
-            f"{budget.delta}; raise it, privacy.noise_multiplier or the clients per round",
+            f"{budget.delta}; raise it or privacy.noise_multiplier, or lower fraction_fit",
         )
     if last < cfg.num_rounds:
         log(INFO, "The privacy budget allows %s of %s rounds: another round would take epsilon "
