@@ -6,6 +6,8 @@ import csv
 import json
 from datetime import datetime
 
+import pytest
+
 from conftest import SMALL_RUN, run_simulation_cli
 
 from fl_app.sweep import summarise
@@ -73,15 +75,18 @@ def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(
     assert start0 < end1 and start1 < end0
 
 
-def test_a_bad_value_in_any_job_stops_the_sweep_before_the_first_job_trains(tmp_path):
-    result = run_simulation_cli(
-        "-m", *SMALL_RUN, "num_rounds=1", "seed=1,2", "learning_rate=0.01,-1", f"hydra.sweep.dir={tmp_path}"
-    )
+@pytest.mark.parametrize("swept, bad, key", [
+    ("learning_rate=0.01,-1", "learning_rate=-1", "learning_rate"),
+    # run_simulation.py runs simulations only: a deployment job is refused like a bad value.
+    ("mode=simulation,deployment", "mode=deployment", "mode"),
+])
+def test_a_bad_value_in_any_job_stops_the_sweep_before_the_first_job_trains(tmp_path, swept, bad, key):
+    result = run_simulation_cli("-m", *SMALL_RUN, "num_rounds=1", "seed=1,2", swept, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 2, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    # Jobs 0..3 are (seed, learning_rate) = (1, 0.01), (1, -1), (2, 0.01), (2, -1).
-    assert "Sweep job 1 (" in output and "learning_rate=-1" in output and "No job has run" in output
-    assert "learning_rate" in output.split("No job has run")[0].split("):", 1)[1]  # the key named
+    # Jobs 0..3 are (seed, swept) = (1, good), (1, bad), (2, good), (2, bad).
+    assert "Sweep job 1 (" in output and bad in output and "No job has run" in output
+    assert f"Invalid config key '{key}'" in output.split("No job has run")[0].split("):", 1)[1]
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("job.yaml"))
 
 
