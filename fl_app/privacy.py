@@ -7,7 +7,9 @@ chosen in `client_app.py`.
 """
 
 import bisect
+from logging import INFO
 
+from flwr.common import log
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -18,7 +20,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccountant, SamplingMethod
 from flwr.serverapp import PrivacyConfig as AccountingConfig
 
-from fl_app.config_schema import CENTRAL_DP, PrivacyConfig
+from fl_app.config_schema import CENTRAL_DP, ConfigError, PrivacyConfig
 
 
 def with_central_dp(strategy: Strategy, privacy: PrivacyConfig, num_sampled: int) -> Strategy:
@@ -51,12 +53,15 @@ class PrivacyBudget:
     """ε spent (client-level, at `privacy.delta`) after each round of central DP.
 
     Clients are sampled as Flower's strategies sample them: a fixed number, without
-    replacement, from `population`; every round counts, even one that failed.
+    replacement, from `population`; every round counts, even one that failed. A resumed
+    run passes the rounds it already ran as `rounds_done`: they spent the budget too.
     """
 
-    def __init__(self, privacy: PrivacyConfig, num_sampled: int, population: int) -> None:
+    def __init__(self, privacy: PrivacyConfig, num_sampled: int, population: int,
+                 rounds_done: int = 0) -> None:
         self.delta = privacy.delta
         self.target_epsilon = privacy.target_epsilon
+        self.rounds = rounds_done
         self.event = GaussianPrivacyEvent(privacy.noise_multiplier, num_sampled, population)
         self.accountant = RdpAccountant(AccountingConfig(
             target_delta=privacy.delta,
@@ -64,16 +69,34 @@ class PrivacyBudget:
             neighboring_relation=NeighboringRelation.REPLACE_ONE,
             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
         ))
+        if rounds_done:
+            self.accountant.compose(self.event, count=rounds_done)
 
-    def spend(self, rounds: int = 1) -> float:
-        """Account for `rounds` more rounds; the total ε."""
-        self.accountant.compose(self.event, count=rounds)
+    def spend(self) -> float:
+        """Account for one more round; the total ε."""
+        self.rounds += 1
+        self.accountant.compose(self.event)
         return self.accountant.get_epsilon(self.delta)
 
-    def rounds_within_target(self, max_rounds: int) -> int:
-        """How many more rounds (at most `max_rounds`) keep ε within the target (all
-        without one). ε only grows with rounds, so a bisection finds the last one."""
+    def last_round(self, num_rounds: int) -> int:
+        """`num_rounds`, or the last round that keeps ε within the target: decided before
+        the run starts, so the run evaluates that round's model as its last.
+
+        Raises `ConfigError` when one round already takes ε above the target.
+        """
         if self.target_epsilon is None:
-            return max_rounds
-        return bisect.bisect_left(range(1, max_rounds + 1), True, key=lambda rounds: self.accountant.would_exceed(
+            return num_rounds
+        # ε only grows with rounds, so a bisection finds the last one within the target.
+        more = range(1, num_rounds - self.rounds + 1)
+        last = self.rounds + bisect.bisect_left(more, True, key=lambda rounds: self.accountant.would_exceed(
             self.event, max_epsilon=self.target_epsilon, count=rounds))
+        if last == 0:
+            raise ConfigError(
+                "privacy.target_epsilon",
+                f"one round already takes epsilon above {self.target_epsilon} at delta "
+                f"{self.delta}; raise it or privacy.noise_multiplier, or lower fraction_fit",
+            )
+        if last < num_rounds:
+            log(INFO, "The privacy budget allows %s of %s rounds: another round would take epsilon "
+                "above %s at delta %s", last, num_rounds, self.target_epsilon, self.delta)
+        return last

@@ -73,24 +73,6 @@ def progress_line(record: dict, num_rounds: int) -> str:
     )
 
 
-def _last_round(cfg: AppConfig, budget: PrivacyBudget | None, rounds_done: int) -> int:
-    """`num_rounds`, or the last round within the privacy budget: decided before the run
-    starts, so the workflow evaluates that round's model as the last one."""
-    if budget is None:
-        return cfg.num_rounds
-    last = rounds_done + budget.rounds_within_target(cfg.num_rounds - rounds_done)
-    if last == 0:
-        raise ConfigError(
-            "privacy.target_epsilon",
-            f"one round already takes epsilon above {budget.target_epsilon} at delta "
-            f"{budget.delta}; raise it or privacy.noise_multiplier, or lower fraction_fit",
-        )
-    if last < cfg.num_rounds:
-        log(INFO, "The privacy budget allows %s of %s rounds: another round would take epsilon "
-            "above %s at delta %s", last, cfg.num_rounds, budget.target_epsilon, budget.delta)
-    return last
-
-
 def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
     """The checkpoint to continue from, or round 0 with the seed's initial weights."""
     checkpoint = outputs.load_checkpoint()
@@ -163,10 +145,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         },
     )
     strategy.restore_optimizer_state(checkpoint.optimizer_state)
-    budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients) if central_dp else None
-    if budget is not None and checkpoint.round:
-        budget.spend(checkpoint.round)  # the rounds before a resume spent it too
-    num_rounds = _last_round(cfg, budget, checkpoint.round)
+    budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients, checkpoint.round) if central_dp else None
+    num_rounds = cfg.num_rounds if budget is None else budget.last_round(cfg.num_rounds)
     recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
                                  evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))

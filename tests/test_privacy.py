@@ -25,7 +25,6 @@ from fl_app.client_app import build_client_app
 from fl_app.config import compose_config
 from fl_app.config_schema import ConfigError
 from fl_app.privacy import PrivacyBudget, with_central_dp
-from fl_app.server_app import _last_round
 from fl_app.strategy import build_strategy
 
 
@@ -161,22 +160,20 @@ def test_epsilon_grows_with_rounds_as_dp_accounting_says():
 
 def test_the_budget_sets_the_last_round_before_the_run_starts():
     # 10 clients, all sampled, z=0.1: epsilon after rounds 1, 2, 3 is about 96, 166, 231.
-    cfg = compose_config(["num_clients=10", "num_rounds=5", "privacy=central_dp",
-                          "privacy.noise_multiplier=0.1", "privacy.target_epsilon=200"])
+    privacy = compose_config(["privacy=central_dp", "privacy.noise_multiplier=0.1"]).privacy
 
     def budget(target_epsilon=200.0, rounds_done=0):
-        spent = PrivacyBudget(dataclasses.replace(cfg.privacy, target_epsilon=target_epsilon), 10, 10)
-        if rounds_done:
-            spent.spend(rounds_done)
-        return spent
+        return PrivacyBudget(dataclasses.replace(privacy, target_epsilon=target_epsilon), 10, 10, rounds_done)
 
-    assert _last_round(cfg, budget(), 0) == 2
-    assert _last_round(cfg, budget(rounds_done=1), 1) == 2  # a resumed run
-    assert _last_round(cfg, budget(rounds_done=2), 2) == 2  # nothing left to run
-    assert _last_round(cfg, budget(target_epsilon=None), 0) == _last_round(cfg, None, 0) == 5
-    assert _last_round(cfg, budget(target_epsilon=1000), 0) == 5
+    assert budget().last_round(5) == 2
+    assert budget(rounds_done=1).last_round(5) == 2  # a resumed run
+    assert budget(rounds_done=2).last_round(5) == 2  # nothing left to run
+    assert budget(target_epsilon=None).last_round(5) == budget(target_epsilon=1000).last_round(5) == 5
+    # A resumed run counts the rounds before it: the same epsilon as one that never stopped.
+    resumed, whole = budget(rounds_done=2), budget()
+    assert resumed.spend() == pytest.approx([whole.spend() for _ in range(3)][-1], rel=1e-9)
     with pytest.raises(ConfigError) as err:
-        _last_round(cfg, budget(target_epsilon=50), 0)
+        budget(target_epsilon=50).last_round(5)
     assert err.value.key == "privacy.target_epsilon" and "one round already" in str(err.value)
 
 
