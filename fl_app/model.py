@@ -153,7 +153,7 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
     optimizer.learning_rate.assign(learning_rate)
 
 
-def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
+def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
     """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch.
 
     One stream rather than one Keras epoch per local epoch: Keras' per-epoch work (a new
@@ -191,7 +191,7 @@ def train(
         model.set_anchor(proximal_mu)
     elif proximal_mu:
         raise ValueError("proximal_mu needs a model built with proximal=True")
-    history = model.fit(_batches(x, y, batch_size, epochs, seed), epochs=1, shuffle=False, verbose=0)
+    history = model.fit(local_batches(x, y, batch_size, epochs, seed), epochs=1, shuffle=False, verbose=0)
     return {
         "train_loss": float(history.history["loss"][-1]),
         "train_accuracy": float(history.history["accuracy"][-1]),

@@ -60,14 +60,14 @@ def test_training_learns_and_is_reproducible(data_root):
 
 def test_local_epochs_are_full_passes_each_in_a_new_order():
     x = np.arange(25)
-    stream = [(bx.numpy(), by.numpy()) for bx, by in keras_model._batches(x, x % 10, 10, 3, seed=1)]
+    stream = [(bx.numpy(), by.numpy()) for bx, by in keras_model.local_batches(x, x % 10, 10, 3, seed=1)]
     # 3 passes over 25 samples in batches of 10: each pass ends with its own short batch.
     assert [len(bx) for bx, _ in stream] == [10, 10, 5] * 3
     assert all(np.array_equal(bx % 10, by) for bx, by in stream)
     passes = [tuple(np.concatenate([bx for bx, _ in stream[i:i + 3]])) for i in (0, 3, 6)]
     assert all(sorted(order) == list(range(25)) for order in passes)
     assert len(set(passes)) == 3
-    again = [bx.numpy() for bx, _ in keras_model._batches(x, x % 10, 10, 3, seed=1)]
+    again = [bx.numpy() for bx, _ in keras_model.local_batches(x, x % 10, 10, 3, seed=1)]
     assert all(np.array_equal(a, b) for a, (b, _) in zip(again, stream))
 
 
