@@ -1,5 +1,6 @@
 """The models, local training on real MNIST, and FedProx's proximal term."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -113,6 +114,29 @@ def test_steps_per_execution_changes_the_speed_not_the_weights(data_root):
         for steps in (5, 64):  # neither divides 17
             batched = train_from(start, data, proximal, mu, steps_per_execution=steps)[0]
             assert all(np.array_equal(a, b) for a, b in zip(one_by_one, batched)), (proximal, steps)
+
+
+def test_adam_runs_as_one_fused_kernel_with_keras_adams_arithmetic_and_saves_as_keras_adam(data_root, tmp_path):
+    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)
+    x, y = data.x_train[:50], data.y_train[:50]  # 5 steps of B=10
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    fused = keras_model.build_model("seed_cnn", MNIST_SHAPE, "adam", LOSS, 0.002)
+    assert "update_step" in vars(fused.optimizer)  # the fused step replaces Keras' own
+    stock = keras_model.MODELS["seed_cnn"](MNIST_SHAPE)
+    stock.compile(optimizer=keras.optimizers.Adam(0.002), loss=LOSS, metrics=["accuracy"])
+    trained = []
+    for model in (fused, stock):
+        model.set_weights(start)
+        keras_model.train(model, x, y, epochs=1, batch_size=10, learning_rate=0.002, seed=1)
+        trained.append((model.get_weights(), [v.numpy() for v in model.optimizer.variables]))
+    (weights, slots), (stock_weights, stock_slots) = trained
+    assert max(np.abs(a - b).max() for a, b in zip(weights, start)) > 1e-3  # it trained
+    # The same arithmetic up to float rounding (the order of operations differs).
+    assert all(np.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(weights, stock_weights))
+    # Moments, velocities, step count and learning rate: within 1e-4 of each one's largest value.
+    assert all(np.abs(a - b).max() <= 1e-4 * np.abs(b).max() for a, b in zip(slots, stock_slots))
+    fused.save(tmp_path / "model.keras")
+    assert type(keras.models.load_model(tmp_path / "model.keras").optimizer) is keras.optimizers.Adam
 
 
 def test_proximal_mu_without_a_proximal_model_is_refused(data_root):
