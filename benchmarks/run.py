@@ -5,8 +5,8 @@
 
 Prints, side by side: plain Keras samples/s (the machine limit), fl_app's and a
 quickstart-style Flower app's training throughput in settings (a) and (b) with their
-ratios, start-up time, and seconds per round and peak memory with 1,000 and 10,000
-virtual clients. Each figure is the median over rounds 2..N (or repeats) with min-max.
+ratios, the share of the CPU time fl_app's workers used, start-up time, and seconds per
+round and peak memory with 1,000 and 10,000 virtual clients. Each figure is the median over rounds 2..N (or repeats) with min-max.
 The machine limit is measured again after every federated run, and each run's efficiency
 is against the mean of the measurements just before and after it: on a shared machine
 the limit drifts by 20 % within minutes. Timings are measured, never asserted.
@@ -62,11 +62,40 @@ def tree_rss_gib(proc: psutil.Process) -> float:
     return total / 2**30
 
 
-def run_tracked(cmd: list[str]) -> tuple[str, float, float]:
-    """Run cmd; return its output, its start time and the peak RSS (GiB) of its process tree."""
+def workers_cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds used so far by the Ray workers that run the clients (Ray titles their
+    processes `ray::ClientAppActor...`); workers that have exited are not counted."""
+    total = 0.0
+    for member in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "ClientAppActor" in " ".join(member.cmdline()):
+                times = member.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def workers_share(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Share of the machine's CPU time that the workers used between start and end
+    (wall-clock timestamps), from (timestamp, workers' CPU seconds) samples.
+
+    Measured in the same seconds as the run itself, so unlike the efficiency it does not
+    move with the drift of the machine limit measured before and after the run.
+    """
+    def cpu_at(moment: float) -> float:
+        after = next(k for k, (when, _) in enumerate(samples) if when >= moment)
+        (t0, c0), (t1, c1) = samples[max(after - 1, 0)], samples[after]
+        return c0 if t1 == t0 else c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+
+    return (cpu_at(end) - cpu_at(start)) / (psutil.cpu_count() * (end - start))
+
+
+def run_tracked(cmd: list[str]) -> tuple[str, float, float, list[tuple[float, float]]]:
+    """Run cmd; return its output, its start time, the peak RSS (GiB) of its process tree
+    and (timestamp, workers' CPU seconds) every 0.5 s."""
     started = time.time()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
+    cpu_samples = []
     done = threading.Event()
 
     def sample_memory() -> None:
@@ -74,6 +103,7 @@ def run_tracked(cmd: list[str]) -> tuple[str, float, float]:
         while not done.wait(0.5):
             with contextlib.suppress(psutil.NoSuchProcess):
                 peak = max(peak, tree_rss_gib(proc))
+                cpu_samples.append((time.time(), workers_cpu_seconds(proc)))
 
     sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
@@ -82,7 +112,7 @@ def run_tracked(cmd: list[str]) -> tuple[str, float, float]:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
-    return output, started, peak
+    return output, started, peak, cpu_samples
 
 
 def round_rates(starts: list[float], ends: list[float], samples: list[float]) -> list[float]:
@@ -95,7 +125,7 @@ def fl_app_run(
     clients: int, fraction: float, epochs: int, batch: int, rounds: int, *overrides: str
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        _, launched, peak = run_tracked([
+        _, launched, peak, cpu_samples = run_tracked([
             sys.executable, "run_simulation.py", f"num_clients={clients}",
             f"fraction_fit={fraction}", f"fraction_evaluate={fraction}",
             f"local_epochs={epochs}", f"batch_size={batch}", f"num_rounds={rounds}",
@@ -114,11 +144,13 @@ def fl_app_run(
         "startup": stamps["configure_fit"][0] - launched,
         "seconds_per_round": [b - a for a, b in zip(stamps["configure_fit"], stamps["[round "])][1:],
         "peak_gib": peak,
+        # Rounds 2..N: from the start of round 2 to the end of the last round.
+        "workers_share": workers_share(cpu_samples, stamps["configure_fit"][1], stamps["[round "][-1]),
     }
 
 
 def plain_flower_run(clients: int, fraction: float, epochs: int, batch: int, rounds: int) -> dict:
-    output, _, peak = run_tracked([
+    output, _, peak, _ = run_tracked([
         sys.executable, "-m", "benchmarks.plain_flower", f"--clients={clients}",
         f"--fraction-fit={fraction}", f"--epochs={epochs}", f"--batch-size={batch}",
         f"--rounds={rounds}",
@@ -185,18 +217,22 @@ def main() -> None:
         print(f"  plain Flower: {summary(plain['rates'])} samples/s, {efficiency(plain_rate, limits)}, "
               f"peak memory {plain['peak_gib']:.2f} GiB")
         efficiencies = {label: [] for label, _ in FL_APP_VARIANTS}
+        shares = {label: [] for label, _ in FL_APP_VARIANTS}
         for _ in range(args.repeats):
             for label, overrides in FL_APP_VARIANTS:
                 ours = fl_app_run(*setting, *overrides)
                 limits.append(machine_limit(batch, fastest[batch]))
                 ours_rate = statistics.median(ours["rates"])
                 efficiencies[label].append(ours_rate / limit_around(limits))
+                shares[label].append(ours["workers_share"])
                 print(f"  fl_app, {label}: {summary(ours['rates'])} samples/s, {efficiency(ours_rate, limits)}, "
                       f"{ours_rate / plain_rate:.2f}x plain Flower; "
+                      f"workers used {ours['workers_share']:.2f} of the CPU time; "
                       f"start-up {ours['startup']:.1f} s, peak memory {ours['peak_gib']:.2f} GiB")
         if args.repeats > 1:
             for label, values in efficiencies.items():
-                print(f"  fl_app, {label}: efficiency {summary(values, 2)} over {len(values)} runs")
+                print(f"  fl_app, {label}: efficiency {summary(values, 2)}, workers used "
+                      f"{summary(shares[label], 2)} of the CPU time, over {len(values)} runs")
 
     if not args.skip_scale:
         print()

@@ -143,7 +143,8 @@ def _fuse_adam(optimizer: keras.optimizers.Adam) -> None:
     client's training at B=10 here. TensorFlow's `ResourceApplyAdam` does the same arithmetic
     (Kingma and Ba's bias-corrected step, epsilon added to sqrt(v)) in one pass. Keras offers
     no fused Adam, so the instance's step is replaced; it keeps Keras' class and state, so a
-    saved model loads anywhere.
+    saved model loads anywhere. Only for the Adam that `build_model` makes: the kernel knows
+    nothing of Keras' weight decay, AMSGrad or gradient clipping, which fl_app never sets.
     """
 
     def update_step(gradient, variable, learning_rate):
