@@ -6,10 +6,11 @@
 Prints, side by side: plain Keras samples/s (the machine limit), fl_app's and a
 quickstart-style Flower app's training throughput in settings (a) and (b) with their
 ratios, the share of the CPU time fl_app's workers used, start-up time, and seconds per
-round and peak memory with 1,000 and 10,000 virtual clients. Each figure is the median over rounds 2..N (or repeats) with min-max.
-The machine limit is measured again after every federated run, and each run's efficiency
-is against the mean of the measurements just before and after it: on a shared machine
-the limit drifts by 20 % within minutes. Timings are measured, never asserted.
+round and peak memory with 1,000 and 10,000 virtual clients. Each figure is the median
+over rounds 2..N (or repeats) with min-max. The machine limit is measured again after
+every federated run, and each run's efficiency is against the mean of the measurements
+just before and after it: on a shared machine the limit drifts by 20-35 % within minutes.
+Timings are measured, never asserted.
 """
 
 import argparse
