@@ -54,25 +54,18 @@ def summary(values: list[float], digits: int = 0) -> str:
             f"(min {min(values):,.{digits}f}, max {max(values):,.{digits}f})")
 
 
-def tree_rss_gib(proc: psutil.Process) -> float:
-    """Resident memory of proc and all its descendants (Ray's processes and workers)."""
-    total = 0
+def tree_usage(proc: psutil.Process) -> tuple[float, float]:
+    """Resident memory (GiB) of proc and all its descendants (Ray's processes and workers),
+    and the CPU seconds used so far by the Ray workers that run the clients (Ray titles
+    their processes `ray::ClientAppActor...`; workers that have exited are not counted)."""
+    rss, workers_cpu = 0, 0.0
     for member in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += member.memory_info().rss
-    return total / 2**30
-
-
-def workers_cpu_seconds(proc: psutil.Process) -> float:
-    """CPU seconds used so far by the Ray workers that run the clients (Ray titles their
-    processes `ray::ClientAppActor...`); workers that have exited are not counted."""
-    total = 0.0
-    for member in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
+            rss += member.memory_info().rss
             if "ClientAppActor" in " ".join(member.cmdline()):
                 times = member.cpu_times()
-                total += times.user + times.system
-    return total
+                workers_cpu += times.user + times.system
+    return rss / 2**30, workers_cpu
 
 
 def workers_share(samples: list[tuple[float, float]], start: float, end: float) -> float:
@@ -99,14 +92,15 @@ def run_tracked(cmd: list[str]) -> tuple[str, float, float, list[tuple[float, fl
     cpu_samples = []
     done = threading.Event()
 
-    def sample_memory() -> None:
+    def sample() -> None:
         nonlocal peak
         while not done.wait(0.5):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                peak = max(peak, tree_rss_gib(proc))
-                cpu_samples.append((time.time(), workers_cpu_seconds(proc)))
+            with contextlib.suppress(psutil.NoSuchProcess):  # the run has just ended
+                rss, workers_cpu = tree_usage(proc)
+                peak = max(peak, rss)
+                cpu_samples.append((time.time(), workers_cpu))
 
-    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     done.set()

@@ -124,7 +124,7 @@ def build_model(
     if proximal:
         model = ProximalModel(model)
     keras_optimizer = OPTIMIZERS[optimizer](learning_rate=learning_rate)
-    if isinstance(keras_optimizer, keras.optimizers.Adam) and keras.backend.backend() == "tensorflow":
+    if isinstance(keras_optimizer, keras.optimizers.Adam):
         _fuse_adam(keras_optimizer)
     model.compile(
         optimizer=keras_optimizer,
