@@ -10,6 +10,7 @@ no faster, and one batch per TensorFlow call (Keras' default) was slower.
 
 import multiprocessing as mp
 import os
+import statistics
 import time
 
 TRAIN_SAMPLES = 20_000
@@ -34,14 +35,15 @@ def _train(batch_size: int, threads: int, steps_per_execution: int, repeats: int
     train()  # warm-up: traces the training step
     for repeat in range(repeats):
         barrier.wait()
-        started = time.monotonic()  # system-wide clock: comparable across processes
+        started, cpu = time.monotonic(), time.process_time()  # monotonic: system-wide
         train()
-        results.put((repeat, len(x), started, time.monotonic()))
+        results.put((repeat, len(x), started, time.monotonic(), time.process_time() - cpu))
 
 
 def samples_per_second(batch_size: int, processes: int, threads: int, steps_per_execution: int,
-                       repeats: int = 5) -> list[float]:
-    """Aggregate samples/s of `processes` concurrent trainers, once per repeat."""
+                       repeats: int = 5) -> tuple[list[float], float]:
+    """Aggregate samples/s of `processes` concurrent trainers, once per repeat, and the CPU
+    seconds a trainer used per second of its training (the mean over all of them)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     workers = [
@@ -56,6 +58,6 @@ def samples_per_second(batch_size: int, processes: int, threads: int, steps_per_
     rates = []
     for repeat in range(repeats):
         same = [run for run in runs if run[0] == repeat]
-        wall = max(end for *_, end in same) - min(start for _, _, start, _ in same)
-        rates.append(sum(samples for _, samples, _, _ in same) / wall)
-    return rates
+        wall = max(end for _, _, _, end, _ in same) - min(start for _, _, start, _, _ in same)
+        rates.append(sum(samples for _, samples, _, _, _ in same) / wall)
+    return rates, statistics.mean(cpu / (end - start) for _, _, start, end, cpu in runs)

@@ -10,6 +10,9 @@ the gaps between them, the server's turn (from the previous round's last reply t
 round's messages), Flower handing those messages to the worker, and waiting for the other
 workers' last calls. All of them are shares of the same seconds, so the drift of this
 shared machine, which moves `benchmarks.run`'s efficiency by 20-35 %, hardly moves them.
+The machine limit's processes are then timed the same way (CPU seconds per second of
+training): if a CPU second trains as much in both, the ratio of the two CPU shares is the
+efficiency.
 Timings are measured, never asserted.
 """
 
@@ -23,6 +26,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
+from benchmarks.machine_limit import samples_per_second
 from benchmarks.run import FL_APP_VARIANTS, SETTINGS
 from fl_app.config import compose_config
 from fl_app.simulation import simulate
@@ -117,7 +123,12 @@ def main() -> None:
         for part, share in shares.items():
             print(f"    {part:50s} {share:.3f}")
         print(f"  CPU used inside the calls: {cpu_per_second:.3f} of a core per second")
-        print(f"  so the workers trained {shares[CALLS] * cpu_per_second:.3f} of the machine's CPU time")
+        trained = shares[CALLS] * cpu_per_second
+        print(f"  so the workers trained {trained:.3f} of the machine's CPU time")
+        cores = psutil.cpu_count()
+        _, limit_cpu = samples_per_second(batch, cores, 1, cfg.steps_per_execution, repeats=3)
+        print(f"  the machine limit's {cores} processes used {limit_cpu:.3f} of a core per second "
+              f"of their training: the CPU time allows an efficiency of {trained / limit_cpu:.2f}")
 
 
 if __name__ == "__main__":

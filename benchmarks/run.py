@@ -158,7 +158,7 @@ def plain_flower_run(clients: int, fraction: float, epochs: int, batch: int, rou
 
 def machine_limit(batch: int, arrangement: tuple[int, int, int]) -> float:
     """Median samples/s of the machine limit's fastest arrangement, over 3 repeats."""
-    return statistics.median(samples_per_second(batch, *arrangement, repeats=3))
+    return statistics.median(samples_per_second(batch, *arrangement, repeats=3)[0])
 
 
 def limit_around(limits: list[float]) -> float:
@@ -196,7 +196,7 @@ def main() -> None:
         arrangements = ((cores, 1, steps_per_execution), (1, cores, steps_per_execution), (cores, 1, 1))
         medians = {}
         for arrangement in arrangements:
-            rates = samples_per_second(batch, *arrangement)
+            rates, _ = samples_per_second(batch, *arrangement)
             print(f"machine limit B={batch}: {arrangement[0]} process(es) x {arrangement[1]} thread(s), "
                   f"{arrangement[2]} step(s) per execution: {summary(rates)} samples/s")
             medians[arrangement] = statistics.median(rates)
