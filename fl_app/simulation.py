@@ -1,7 +1,14 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray) in this process."""
 
+import threading
+import time
+from functools import cache
+
 from flwr.clientapp.typing import Mod
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.simulation import run_simulation
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fl_app.client_app import build_client_app
 from fl_app.config_schema import AppConfig
@@ -24,9 +31,58 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
     if cfg.mode.ray_address:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
         backend_config["init_args"] = {"address": cfg.mode.ray_address}
+    wake_on_stored_messages()
     run_simulation(
         server_app=build_server_app(cfg),
         client_app=build_client_app(cfg, client_mods),
         num_supernodes=cfg.num_clients,
         backend_config=backend_config,
     )
+
+
+@cache  # once per process
+def wake_on_stored_messages() -> None:
+    """Let Flower's simulation engine act on a message as soon as it is stored.
+
+    Flower 1.42 (pinned in pyproject.toml) looks for work in fixed 0.1 s steps: its dispatcher
+    for messages to the clients (`vce_api.add_messages_to_queue`) and the ServerApp's grid
+    for their replies (`InMemoryGrid.send_and_receive`). Those two waits left each worker
+    idle 3.5-5 % of a 3 s round (benchmarks/round_budget.py, docs/benchmarks.md). Flower has
+    no setting or hook for this, so its in-memory state now signals every message it stores
+    and both loops wake on that signal, still looking at least every 0.1 s as before.
+    """
+    to_clients, replies = threading.Event(), threading.Event()
+
+    def signalling(store, stored: threading.Event):
+        def store_and_signal(state, message):
+            message_id = store(state, message)
+            stored.set()
+            return message_id
+        return store_and_signal
+
+    InMemoryLinkState.store_message_ins = signalling(InMemoryLinkState.store_message_ins, to_clients)
+    InMemoryLinkState.store_message_res = signalling(InMemoryLinkState.store_message_res, replies)
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        while not f_stop.is_set():
+            to_clients.clear()  # before looking: a message stored meanwhile wakes the next wait
+            for node_id in nodes_mapping:
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            to_clients.wait(0.1)
+
+    def send_and_receive(grid, messages, *, timeout=None):
+        waiting = set(grid.push_messages(messages))
+        deadline = None if timeout is None else time.time() + timeout
+        received = []
+        while waiting and (deadline is None or time.time() < deadline):
+            replies.clear()
+            for reply in grid.pull_messages(waiting):
+                received.append(reply)
+                waiting.discard(reply.metadata.reply_to_message_id)
+            if waiting:
+                replies.wait(grid.pull_interval)
+        return received
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    InMemoryGrid.send_and_receive = send_and_receive
