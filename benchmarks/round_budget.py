@@ -9,7 +9,7 @@ the call used. Each worker's share of rounds 2..N is then split into: its client
 the gaps between them, the server's turn (from the previous round's last reply to this
 round's messages), Flower handing those messages to the worker, and waiting for the other
 workers' last calls. All of them are shares of the same seconds, so the drift of this
-shared machine, which moves `benchmarks.run`'s efficiency by 20-35 %, hardly moves them.
+shared machine, which moves `benchmarks.run`'s efficiency by 20-56 %, hardly moves them.
 The machine limit's processes are then timed the same way (CPU seconds per second of
 training): if a CPU second trains as much in both, the ratio of the two CPU shares is the
 efficiency.

@@ -9,7 +9,7 @@ ratios, the share of the CPU time fl_app's workers used, start-up time, and seco
 round and peak memory with 1,000 and 10,000 virtual clients. Each figure is the median
 over rounds 2..N (or repeats) with min-max. The machine limit is measured again after
 every federated run, and each run's efficiency is against the mean of the measurements
-just before and after it: on a shared machine the limit drifts by 20-35 % within minutes.
+just before and after it: on a shared machine the limit drifts by 20-56 % within minutes.
 Timings are measured, never asserted.
 """
 

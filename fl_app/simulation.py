@@ -47,7 +47,7 @@ def wake_on_stored_messages() -> None:
     Flower 1.42 (pinned in pyproject.toml) looks for work in fixed 0.1 s steps: its dispatcher
     for messages to the clients (`vce_api.add_messages_to_queue`) and the ServerApp's grid
     for their replies (`InMemoryGrid.send_and_receive`). Those two waits left each worker
-    idle 3.5-5 % of a 3 s round (benchmarks/round_budget.py, docs/benchmarks.md). Flower has
+    idle 4-6 % of a 3 s round (benchmarks/round_budget.py, docs/benchmarks.md). Flower has
     no setting or hook for this, so its in-memory state now signals every message it stores
     and both loops wake on that signal, still looking at least every 0.1 s as before.
     """
