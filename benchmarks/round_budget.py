@@ -75,7 +75,7 @@ def budget(calls: list[dict]) -> tuple[dict[str, float], float, list[float]]:
     order = sorted(rounds)
     workers = {call["worker"] for call in calls}
     seconds = dict.fromkeys(PARTS, 0.0)
-    round_seconds, busy, cpu = [], 0.0, 0.0
+    round_seconds, cpu = [], 0.0
     for previous, current in zip(order, order[1:]):
         begin = max(call["end"] for call in rounds[previous])
         end = max(call["end"] for call in rounds[current])
@@ -91,10 +91,9 @@ def budget(calls: list[dict]) -> tuple[dict[str, float], float, list[float]]:
             seconds[SERVER] += created - begin
             seconds[DISPATCH] += own[0]["start"] - created
             seconds[WAITING] += end - own[-1]["end"]
-            busy += sum(c["end"] - c["start"] for c in own)
             cpu += sum(c["cpu"] for c in own)
     total = sum(seconds.values())
-    return {part: value / total for part, value in seconds.items()}, cpu / busy, round_seconds
+    return {part: value / total for part, value in seconds.items()}, cpu / seconds[CALLS], round_seconds
 
 
 def main() -> None:
