@@ -130,6 +130,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         wrap=lambda inner: with_central_dp(inner, cfg.privacy, num_sampled),
         secure_aggregation=cfg.privacy.secagg,
         equal_weights=central_dp,
+        sampling_seed=cfg.seed,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,

@@ -1,11 +1,13 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray) in this process."""
 
+import random
 import threading
 import time
 from functools import cache
 
 from flwr.clientapp.typing import Mod
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import in_memory_linkstate
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.simulation import run_simulation
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -32,12 +34,31 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
         backend_config["init_args"] = {"address": cfg.mode.ray_address}
     wake_on_stored_messages()
+    seed_node_ids(cfg.seed)
     run_simulation(
         server_app=build_server_app(cfg),
         client_app=build_client_app(cfg, client_mods),
         num_supernodes=cfg.num_clients,
         backend_config=backend_config,
     )
+
+
+def seed_node_ids(seed: int) -> None:
+    """Draw the ids that Flower's in-memory state gives the simulated SuperNodes from `seed`.
+
+    Flower draws them from `os.urandom`, with no seed to give it. The
+    server samples clients in order of id (fl_app/strategy.py: SeededSampling), and
+    node i holds partition i, so with random ids the same seed trained different partitions
+    in each run. Flower 1.42 (pinned) draws them with `generate_rand_int_from_bytes`.
+    """
+    rng = random.Random(seed)
+
+    def seeded_int(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while (number := rng.getrandbits(8 * num_bytes)) in (exclude or ()):
+            pass
+        return number
+
+    in_memory_linkstate.generate_rand_int_from_bytes = seeded_int
 
 
 @cache  # once per process

@@ -5,10 +5,12 @@ poison the global model. `ValidatedStrategy` wraps any of them (as Flower's own 
 wrappers do): each update is checked against the global model it was trained from,
 bad ones are dropped and logged, a round left with fewer than `min_fit_clients` valid
 updates keeps the global model unchanged, and every round is recorded for the history.
+Given a seed, it also makes the strategy's draw of clients reproducible (`SeededSampling`).
 """
 
+import random
 from collections.abc import Callable
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.common import (
@@ -25,6 +27,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import (
     FedAdagrad,
     FedAdam,
@@ -107,6 +110,7 @@ def build_strategy(
     wrap: Callable[[Strategy], Strategy] = lambda strategy: strategy,
     secure_aggregation: bool = False,
     equal_weights: bool = False,
+    sampling_seed: int | None = None,
     **common,
 ) -> "ValidatedStrategy":
     """Flower's strategy `name`, started from `initial_weights`, wrapped in validation.
@@ -115,6 +119,7 @@ def build_strategy(
     evaluate_fn, on_fit_config_fn, ...). Server-side optimisers (FedAvgM, FedAdam, ...)
     take their step from `initial_weights`, so a resumed run passes its checkpoint.
     `wrap` puts another Flower wrapper (e.g. differential privacy) between the two.
+    `sampling_seed` makes its draws of clients reproducible (`SeededSampling`).
     """
     common.setdefault("fit_metrics_aggregation_fn", weighted_average)
     common.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
@@ -122,7 +127,35 @@ def build_strategy(
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
     return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation, equal_weights,
-                             optimizer=strategy)
+                             optimizer=strategy, sampling_seed=sampling_seed)
+
+
+class SeededSampling:
+    """The run's client manager, drawing clients with a generator of its own.
+
+    Flower's `SimpleClientManager.sample` draws with Python's unseeded global generator
+    from its clients in the order they connected, so the same seed sampled different
+    clients in every run. This draws from the clients in order of id (a simulation's node
+    ids are seeded: fl_app/simulation.py) with `rng`, and otherwise waits, filters and
+    fails as Flower's does.
+    """
+
+    def __init__(self, manager: ClientManager, rng: random.Random) -> None:
+        self.manager = manager
+        self.rng = rng
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Criterion | None = None) -> list[ClientProxy]:
+        self.manager.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        clients = self.manager.all()
+        available = sorted(cid for cid, proxy in clients.items() if criterion is None or criterion.select(proxy))
+        if num_clients > len(available):
+            log(INFO, "Sampling failed: %s clients available, %s requested", len(available), num_clients)
+            return []
+        return [clients[cid] for cid in self.rng.sample(available, num_clients)]
+
+    def __getattr__(self, name: str):
+        return getattr(self.manager, name)
 
 
 class ValidatedStrategy(Strategy):
@@ -133,16 +166,20 @@ class ValidatedStrategy(Strategy):
     counts once, not by its examples, as differential privacy's noise assumes. Clients
     under central DP already report num_examples=1 (the only way under SecAgg+, which
     weighs inside the protocol); this holds it against a client that does not.
+    sampling_seed: each round's draws of clients (to train, to evaluate) are seeded by it,
+    the round and the phase, so a resumed run draws what the uninterrupted one did.
     """
 
     def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
-                 equal_weights: bool = False, optimizer: Strategy | None = None) -> None:
+                 equal_weights: bool = False, optimizer: Strategy | None = None,
+                 sampling_seed: int | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.optimizer = optimizer or strategy  # the Flower strategy inside any wrapper
         self.min_fit_clients = min_fit_clients
         self.secure_aggregation = secure_aggregation
         self.equal_weights = equal_weights
+        self.sampling_seed = sampling_seed
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
         self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
@@ -162,11 +199,18 @@ class ValidatedStrategy(Strategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 
+    def _sampling(self, client_manager: ClientManager, server_round: int,
+                  phase: str) -> ClientManager | SeededSampling:
+        if self.sampling_seed is None:
+            return client_manager
+        return SeededSampling(client_manager, random.Random(f"{self.sampling_seed}/{server_round}/{phase}"))
+
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(parameters)]
-        instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
+        instructions = self.strategy.configure_fit(server_round, parameters,
+                                                   self._sampling(client_manager, server_round, "fit"))
         sampled = len(instructions)
         # Failed until aggregated (SecAgg+ may halt a round without aggregating).
         self.rounds[server_round] = {"round": server_round, "clients_sampled": sampled,
@@ -253,7 +297,8 @@ class ValidatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+        return self.strategy.configure_evaluate(server_round, parameters,
+                                                self._sampling(client_manager, server_round, "evaluate"))
 
     def evaluate(
         self, server_round: int, parameters: Parameters
