@@ -72,25 +72,40 @@ def wake_on_stored_messages() -> None:
     no hook to wake them (polling faster cost the driver CPU the workers lacked), so its
     in-memory state now signals every message it stores and both loops wake on that signal,
     still looking at least every 0.1 s as before. Written for Flower 1.42's own loops.
+
+    Flower's dispatcher also asked the state for every node's messages at each look, which
+    kept 0.6 of a core busy with 10,000 nodes; it now asks only for the nodes that a message
+    was stored for since.
     """
     to_clients, replies = threading.Event(), threading.Event()
+    addressed: set[int] = set()  # nodes with a message stored for them, maybe not yet dispatched
+    store_message_ins, store_message_res = InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res
 
-    def signalling(store, stored: threading.Event):
-        def store_and_signal(state, message):
-            message_id = store(state, message)
-            stored.set()
-            return message_id
-        return store_and_signal
+    def store_and_wake_dispatcher(state, message):
+        message_id = store_message_ins(state, message)
+        if message_id is not None:  # else refused as invalid
+            addressed.add(message.metadata.dst_node_id)
+            to_clients.set()
+        return message_id
 
-    InMemoryLinkState.store_message_ins = signalling(InMemoryLinkState.store_message_ins, to_clients)
-    InMemoryLinkState.store_message_res = signalling(InMemoryLinkState.store_message_res, replies)
+    def store_and_wake_grid(state, message):
+        message_id = store_message_res(state, message)
+        replies.set()
+        return message_id
+
+    InMemoryLinkState.store_message_ins = store_and_wake_dispatcher
+    InMemoryLinkState.store_message_res = store_and_wake_grid
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
         while not f_stop.is_set():
             to_clients.clear()  # before looking: a message stored meanwhile wakes the next wait
-            for node_id in nodes_mapping:
+            for node_id in addressed.copy():
+                addressed.discard(node_id)  # a message stored from now on adds it again
+                if node_id not in nodes_mapping:  # not a node of this simulation
+                    continue
                 for message in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(message)
+                    addressed.add(node_id)  # one at a time, as Flower does: look again
             to_clients.wait(0.1)
 
     def send_and_receive(grid, messages, *, timeout=None):
