@@ -46,10 +46,10 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
 def seed_node_ids(seed: int) -> None:
     """Draw the ids that Flower's in-memory state gives the simulated SuperNodes from `seed`.
 
-    Flower draws them from `os.urandom`, with no seed to give it. The
-    server samples clients in order of id (fl_app/strategy.py: SeededSampling), and
-    node i holds partition i, so with random ids the same seed trained different partitions
-    in each run. Flower 1.42 (pinned) draws them with `generate_rand_int_from_bytes`.
+    Flower draws them from `os.urandom`, with no seed to give it. The server samples
+    clients in order of id (fl_app/strategy.py: SeededSampling) and node i holds partition
+    i, so with random ids the same seed trained different partitions in each run. Flower
+    1.42 (pinned) draws them with `generate_rand_int_from_bytes`.
     """
     rng = random.Random(seed)
 
