@@ -3,9 +3,9 @@
     FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.round_budget [--rounds 8]
         [--settings a b]
 
-Runs settings (a) and (b) of `benchmarks.run`, training only, with a Flower client mod
-that records in each Ray worker when every client call starts and ends and the CPU time
-the call used. Each worker's share of rounds 2..N is then split into: its client calls,
+Runs settings (a) and (b) of `benchmarks.run` in its first configuration (the server
+evaluating every 5 rounds), with a Flower client mod that records in each Ray worker when
+every client call starts and ends and the CPU time the call used. Each worker's share of rounds 2..N is then split into: its client calls,
 the gaps between them, the server's turn (from the previous round's last reply to this
 round's messages), Flower handing those messages to the worker, and waiting for the other
 workers' last calls. All of them are shares of the same seconds, so the drift of this
@@ -102,14 +102,14 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS],
                         default=[s[0] for s in SETTINGS], help="the settings to run (default: all)")
     args = parser.parse_args()
-    label, training_only = FL_APP_VARIANTS[0]
+    label, overrides = FL_APP_VARIANTS[0]
     for name, clients, fraction, epochs, batch in (s for s in SETTINGS if s[0] in args.settings):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             cfg = compose_config([
                 f"num_clients={clients}", f"fraction_fit={fraction}", f"local_epochs={epochs}",
                 f"batch_size={batch}", f"num_rounds={args.rounds}", f"output_dir={folder / 'run'}",
-                *training_only,
+                *overrides,
             ])
             simulate(cfg, (call_timer(folder),))
             calls = [json.loads(line) for path in folder.glob("*.jsonl")
