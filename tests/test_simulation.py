@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     assert csv_lines[0].startswith("round,test_loss,test_accuracy") and len(csv_lines) == 4
 
     log = (run_dir / "run_simulation.log").read_text()
+    start = re.search(r"Global model at the start \(round 0\): test loss [\d.]+ acc ([\d.]+)", log)
+    assert start and float(start[1]) < 0.5, "the untrained model's test accuracy is not logged"
     assert "[round 1/3] clients 4/4 trained" in log and "test loss - acc -" in log
     assert f"Final test accuracy {last['test_accuracy']:.4f}" in log
 
@@ -121,7 +124,11 @@ def test_killed_run_resumes_from_last_completed_round_as_if_never_killed(tmp_pat
     after = read_metrics(out)
     assert [r["round"] for r in after] == [1, 2, 3]
     assert after[: len(before)] == before
-    assert f"Resuming {out} after round {len(before)}" in (tmp_path / "h2" / "run_simulation.log").read_text()
+    resumed_log = (tmp_path / "h2" / "run_simulation.log").read_text()
+    assert f"Resuming {out} after round {len(before)}" in resumed_log
+    # It starts from the checkpoint's global model: the same test results as that round's.
+    assert (f"Global model at the start (round {len(before)}): test loss {before[-1]['test_loss']:.4f} "
+            f"acc {before[-1]['test_accuracy']:.4f}") in resumed_log
 
     # The same seed without the crash: the same clients sampled (a fifth of them each round)
     # and the same results, bit for bit.
