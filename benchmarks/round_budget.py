@@ -1,18 +1,18 @@
 """Where each worker's time goes in a round, seen from inside the workers.
 
-    FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.round_budget [--rounds 8]
+    FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.round_budget [--rounds 11]
         [--settings a b]
 
 Runs settings (a) and (b) of `benchmarks.run` in its first configuration (the server
 evaluating every 5 rounds), with a Flower client mod that records in each Ray worker when
-every client call starts and ends and the CPU time the call used. Each worker's share of rounds 2..N is then split into: its client calls,
-the gaps between them, the server's turn (from the previous round's last reply to this
-round's messages), Flower handing those messages to the worker, and waiting for the other
-workers' last calls. All of them are shares of the same seconds, so the drift of this
-shared machine, which moves `benchmarks.run`'s efficiency by 20-56 %, hardly moves them.
-The machine limit's processes are then timed the same way (CPU seconds per second of
-training): if a CPU second trains as much in both, the ratio of the two CPU shares is the
-efficiency.
+every client call starts and ends and the CPU time the call used. Each worker's share of
+rounds 2..N is then split into: its client calls, the gaps between them, the server's turn
+(from the previous round's last reply to this round's messages), Flower handing those
+messages to the worker, and waiting for the other workers' last calls. All of them are
+shares of the same seconds, so the drift of this shared machine, which moves
+`benchmarks.run`'s efficiency by 20-56 %, hardly moves them. The machine limit's processes
+are then timed the same way (CPU seconds per second of training): if a CPU second trains
+as much in both, the ratio of the two CPU shares is the efficiency.
 Timings are measured, never asserted.
 """
 
@@ -98,7 +98,7 @@ def budget(calls: list[dict]) -> tuple[dict[str, float], float, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="rounds per run (round 1 is warm-up)")
+    parser.add_argument("--rounds", type=int, default=11, help="rounds per run (round 1 is warm-up)")
     parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS],
                         default=[s[0] for s in SETTINGS], help="the settings to run (default: all)")
     args = parser.parse_args()

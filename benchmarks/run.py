@@ -1,6 +1,6 @@
 """Measure fl_app's simulation against the machine limit and a plain Flower app, in one run.
 
-    FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.run [--rounds 5] [--skip-scale]
+    FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.run [--rounds 11] [--skip-scale]
         [--settings a b] [--repeats 1]
 
 Prints, side by side: plain Keras samples/s (the machine limit), fl_app's and a
@@ -9,9 +9,9 @@ ratios, the share of the CPU time fl_app's workers used, start-up time, and seco
 round and peak memory with 1,000 and 10,000 virtual clients. A federation's throughput is
 the samples trained in rounds 2..N over the wall time of those rounds, printed with the
 median (min-max) of the single rounds; other figures are medians over rounds 2..N (or
-repeats) with min-max. The machine limit is measured again after
-every federated run, and each run's efficiency is against the mean of the measurements
-just before and after it: on a shared machine the limit drifts by 20-56 % within minutes.
+repeats) with min-max. The machine limit is measured again after every federated run, and
+each run's efficiency is against the mean of the measurements just before and after it:
+on a shared machine the limit drifts by 20-56 % within minutes.
 Timings are measured, never asserted.
 """
 
@@ -188,7 +188,8 @@ def efficiency(rate: float, limits: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per run (round 1 is warm-up)")
+    parser.add_argument("--rounds", type=int, default=11,
+                        help="rounds per run (round 1 is warm-up; 11 holds two of the every-5-rounds evaluations)")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 1,000/10,000-client runs")
     parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS],
                         default=[s[0] for s in SETTINGS], help="the settings to run (default: all)")
