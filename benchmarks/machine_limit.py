@@ -10,21 +10,24 @@ no faster, and one batch per TensorFlow call (Keras' default) was slower.
 
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import time
+
+from fl_app.config import compose_config
 
 TRAIN_SAMPLES = 20_000
 
 
-def _train(batch_size: int, threads: int, steps_per_execution: int, repeats: int, barrier,
-           results) -> None:
+def _train(data_dir: str, batch_size: int, threads: int, steps_per_execution: int, repeats: int,
+           barrier, results) -> None:
     # As Ray does for its workers: oneDNN's OpenMP pool would otherwise take every core.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from fl_app import model as keras_model
     from fl_app.partition import load_client_data
 
     keras_model.limit_threads(threads)
-    data = load_client_data("mnist", os.environ["FL_APP_DATA_DIR"], "iid", 0, 3, 0.0, 0)
+    data = load_client_data("mnist", data_dir, "iid", 0, 3, 0.0, 0)
     x, y = data.x_train[:TRAIN_SAMPLES], data.y_train[:TRAIN_SAMPLES]
     model = keras_model.build_model("seed_cnn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 1e-3,
                                     steps_per_execution=steps_per_execution)
@@ -44,17 +47,30 @@ def samples_per_second(batch_size: int, processes: int, threads: int, steps_per_
                        repeats: int = 5) -> tuple[list[float], float]:
     """Aggregate samples/s of `processes` concurrent trainers, once per repeat, and the CPU
     seconds a trainer used per second of its training (the mean over all of them)."""
+    data_dir = compose_config([]).dataset.data_dir  # as fl_app reads MNIST: $FL_APP_DATA_DIR, else ./data
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     workers = [
-        ctx.Process(target=_train, args=(batch_size, threads, steps_per_execution, repeats, barrier, results))
+        ctx.Process(target=_train,
+                    args=(data_dir, batch_size, threads, steps_per_execution, repeats, barrier, results))
         for _ in range(processes)
     ]
     for worker in workers:
         worker.start()
-    runs = [results.get(timeout=600) for _ in range(processes * repeats)]
-    for worker in workers:
-        worker.join()
+    runs = []
+    try:
+        while len(runs) < processes * repeats:
+            try:
+                runs.append(results.get(timeout=1))
+            except queue.Empty:
+                # A process that failed (its traceback is above) leaves the others at the barrier.
+                if any(worker.exitcode not in (None, 0) for worker in workers):
+                    raise RuntimeError("a machine-limit process failed; its error is printed above") from None
+    finally:
+        for worker in workers:
+            if worker.exitcode is None and len(runs) < processes * repeats:
+                worker.terminate()
+            worker.join()
     rates = []
     for repeat in range(repeats):
         same = [run for run in runs if run[0] == repeat]

@@ -35,6 +35,7 @@ from benchmarks.machine_limit import samples_per_second
 from benchmarks.run import FL_APP_VARIANTS, SETTINGS
 from fl_app import model as keras_model
 from fl_app.config import compose_config
+from fl_app.config_schema import AppConfig
 from fl_app.partition import load_client_data
 from fl_app.simulation import simulate
 
@@ -128,19 +129,19 @@ def budget(calls: list[dict], fit_fixed_cost: float = 0.0) -> tuple[dict[str, fl
     return {part: value / total for part, value in seconds.items()}, cpu / in_calls, round_seconds
 
 
-def fit_fixed_cost(batch: int, seconds_per_image: float, repeats: int = 20) -> float:
-    """Seconds of `fl_app.model.train` on one batch of MNIST beyond training that batch
-    (`seconds_per_image` from the machine limit): Keras' fixed cost of a fit call."""
-    data = load_client_data("mnist", os.environ["FL_APP_DATA_DIR"], "iid", 0, 100, 0.0, 0)
-    x, y = data.x_train[:batch], data.y_train[:batch]
-    model = keras_model.build_model("seed_cnn", x.shape[1:], "adam", "sparse_categorical_crossentropy", 1e-3,
-                                    steps_per_execution=compose_config([]).steps_per_execution)
+def fit_fixed_cost(cfg: AppConfig, seconds_per_image: float, repeats: int = 20) -> float:
+    """Seconds of `fl_app.model.train` on one batch beyond training that batch
+    (`seconds_per_image` from the machine limit): Keras' fixed cost of a client's fit call."""
+    data = load_client_data(cfg.dataset.name, cfg.dataset.data_dir, "iid", 0, 100, 0.0, 0)
+    x, y = data.x_train[:cfg.batch_size], data.y_train[:cfg.batch_size]
+    model = keras_model.build_model(cfg.model.name, x.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate,
+                                    steps_per_execution=cfg.steps_per_execution)
     times = []
     for _ in range(repeats + 1):  # the first traces the training step
         started = time.perf_counter()
-        keras_model.train(model, x, y, epochs=1, batch_size=batch, learning_rate=1e-3, seed=0)
+        keras_model.train(model, x, y, epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0)
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) - batch * seconds_per_image
+    return statistics.median(times[1:]) - cfg.batch_size * seconds_per_image
 
 
 def main() -> None:
@@ -163,7 +164,7 @@ def main() -> None:
                      for line in path.read_text(encoding="utf-8").splitlines()]
         cores = psutil.cpu_count()
         limit_rates, limit_cpu = samples_per_second(batch, cores, 1, cfg.steps_per_execution, repeats=3)
-        fixed = fit_fixed_cost(batch, cores / statistics.median(limit_rates))
+        fixed = fit_fixed_cost(cfg, cores / statistics.median(limit_rates))
         shares, cpu_per_second, round_seconds = budget(calls, fixed)
         print(f"\nsetting ({name}): {clients} clients, fraction_fit={fraction}, E={epochs}, B={batch}, "
               f"{label}; rounds 2..{args.rounds}, {statistics.median(round_seconds):.2f} s a round "
