@@ -1,10 +1,11 @@
 """Where each worker's time goes in a round, seen from inside the workers.
 
     FL_APP_DATA_DIR=../shared/datasets python -m benchmarks.round_budget [--rounds 11]
-        [--settings a b]
+        [--settings a b] [--every-round]
 
 Runs settings (a) and (b) of `benchmarks.run` in its first configuration (the server
-evaluating every 5 rounds), with a Flower client mod that records in each Ray worker when
+evaluating every 5 rounds; with --every-round its second, the server evaluating every
+round), with a Flower client mod that records in each Ray worker when
 every client call starts and ends, the CPU time it used and the seconds it spent in
 `fl_app.model.train`. Each worker's share of rounds 2..N is then split into: training, the
 rest of its client calls (Flower's message, the client's data and weights), the gaps
@@ -149,8 +150,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11, help="rounds per run (round 1 is warm-up)")
     parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS],
                         default=[s[0] for s in SETTINGS], help="the settings to run (default: all)")
+    # Only configurations without the clients' evaluation: its calls would blur the parts.
+    parser.add_argument("--every-round", action="store_true",
+                        help="the server evaluating every round instead of every 5 rounds")
     args = parser.parse_args()
-    label, overrides = FL_APP_VARIANTS[0]
+    label, overrides = FL_APP_VARIANTS[1 if args.every_round else 0]
     for name, clients, fraction, epochs, batch in (s for s in SETTINGS if s[0] in args.settings):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
