@@ -6,6 +6,7 @@ goes through `fl_app.model.train` (Keras `fit` on a tf.data pipeline with autotu
 model compiled with fl_app's `steps_per_execution`), the fastest plain-Keras way measured
 here: `fit` on NumPy arrays stalled for seconds in some epochs, a `train_on_batch` loop was
 no faster, and one batch per TensorFlow call (Keras' default) was slower.
+Each process then times Keras' fixed cost of a fit call, for `benchmarks.round_budget`.
 """
 
 import multiprocessing as mp
@@ -13,6 +14,7 @@ import os
 import queue
 import statistics
 import time
+from typing import NamedTuple
 
 from fl_app.config import compose_config
 
@@ -32,21 +34,37 @@ def _train(data_dir: str, batch_size: int, threads: int, steps_per_execution: in
     model = keras_model.build_model("seed_cnn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 1e-3,
                                     steps_per_execution=steps_per_execution)
 
-    def train() -> None:
-        keras_model.train(model, x, y, epochs=1, batch_size=batch_size, learning_rate=1e-3, seed=0)
+    def seconds_to_train(images: int) -> float:
+        started = time.perf_counter()
+        keras_model.train(model, x[:images], y[:images], epochs=1, batch_size=batch_size, learning_rate=1e-3,
+                          seed=0)
+        return time.perf_counter() - started
 
-    train()  # warm-up: traces the training step
-    for repeat in range(repeats):
+    seconds_to_train(len(x))  # warm-up: traces the training step
+    runs = []
+    for _ in range(repeats):
         barrier.wait()
         started, cpu = time.monotonic(), time.process_time()  # monotonic: system-wide
-        train()
-        results.put((repeat, len(x), started, time.monotonic(), time.process_time() - cpu))
+        seconds_to_train(len(x))
+        runs.append((len(x), started, time.monotonic(), time.process_time() - cpu))
+    # Keras' fixed cost of a fit call (a new input pipeline and iterator, the optimizer's
+    # reset), which a federated client pays at every call and this loop once per repeat:
+    # a fit of one batch, less that batch at this process's own training speed.
+    seconds_per_image = statistics.median(end - start for _, start, end, _ in runs) / len(x)
+    one_batch = statistics.median(seconds_to_train(batch_size) for _ in range(20))
+    results.put((runs, one_batch - batch_size * seconds_per_image))
+
+
+class LimitMeasure(NamedTuple):
+    rates: list[float]  # aggregate samples/s of all processes, one per repeat
+    cpu_per_second: float  # CPU seconds a process used per second of its training (mean)
+    fit_fixed_seconds: float  # Keras' fixed cost of one fit call (median of the processes')
 
 
 def samples_per_second(batch_size: int, processes: int, threads: int, steps_per_execution: int,
-                       repeats: int = 5) -> tuple[list[float], float]:
-    """Aggregate samples/s of `processes` concurrent trainers, once per repeat, and the CPU
-    seconds a trainer used per second of its training (the mean over all of them)."""
+                       repeats: int = 5) -> LimitMeasure:
+    """The machine limit of `processes` concurrent trainers: their samples/s, the CPU they
+    used and Keras' fixed cost of a fit call."""
     data_dir = compose_config([]).dataset.data_dir  # as fl_app reads MNIST: $FL_APP_DATA_DIR, else ./data
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
@@ -57,23 +75,24 @@ def samples_per_second(batch_size: int, processes: int, threads: int, steps_per_
     ]
     for worker in workers:
         worker.start()
-    runs = []
+    reports = []  # one (runs, fit fixed cost) per process
     try:
-        while len(runs) < processes * repeats:
+        while len(reports) < processes:
             try:
-                runs.append(results.get(timeout=1))
+                reports.append(results.get(timeout=1))
             except queue.Empty:
                 # A process that failed (its traceback is above) leaves the others at the barrier.
                 if any(worker.exitcode not in (None, 0) for worker in workers):
                     raise RuntimeError("a machine-limit process failed; its error is printed above") from None
     finally:
         for worker in workers:
-            if worker.exitcode is None and len(runs) < processes * repeats:
+            if worker.exitcode is None and len(reports) < processes:
                 worker.terminate()
             worker.join()
     rates = []
     for repeat in range(repeats):
-        same = [run for run in runs if run[0] == repeat]
-        wall = max(end for _, _, _, end, _ in same) - min(start for _, _, start, _, _ in same)
-        rates.append(sum(samples for _, samples, _, _, _ in same) / wall)
-    return rates, statistics.mean(cpu / (end - start) for _, _, start, end, cpu in runs)
+        same = [runs[repeat] for runs, _ in reports]
+        wall = max(end for _, _, end, _ in same) - min(start for _, start, _, _ in same)
+        rates.append(sum(samples for samples, _, _, _ in same) / wall)
+    cpu_per_second = statistics.mean(cpu / (end - start) for runs, _ in reports for _, start, end, cpu in runs)
+    return LimitMeasure(rates, cpu_per_second, statistics.median(fixed for _, fixed in reports))

@@ -14,8 +14,8 @@ messages), Flower handing those messages to the worker, and waiting for the othe
 last calls. All of them are shares of the same seconds, so the drift of this shared
 machine, which moves `benchmarks.run`'s efficiency by 20-56 %, hardly moves them. Training
 also holds Keras' fixed cost of each `fit` call, which the limit pays once per 20,000
-images: it is timed apart (a fit of one batch, less that batch) and taken out. The machine
-limit's processes are then timed the same way (CPU seconds per second of training): if a
+images: the machine limit's processes time it (a fit of one batch, less that batch), and it
+is taken out. They are timed the same way too (CPU seconds per second of training): if a
 CPU second trains as much in both, the ratio of the two CPU shares is the efficiency.
 Timings are measured, never asserted.
 """
@@ -36,8 +36,6 @@ from benchmarks.machine_limit import samples_per_second
 from benchmarks.run import FL_APP_VARIANTS, SETTINGS
 from fl_app import model as keras_model
 from fl_app.config import compose_config
-from fl_app.config_schema import AppConfig
-from fl_app.partition import load_client_data
 from fl_app.simulation import simulate
 
 PARTS = (
@@ -130,21 +128,6 @@ def budget(calls: list[dict], fit_fixed_cost: float = 0.0) -> tuple[dict[str, fl
     return {part: value / total for part, value in seconds.items()}, cpu / in_calls, round_seconds
 
 
-def fit_fixed_cost(cfg: AppConfig, seconds_per_image: float, repeats: int = 20) -> float:
-    """Seconds of `fl_app.model.train` on one batch beyond training that batch
-    (`seconds_per_image` from the machine limit): Keras' fixed cost of a client's fit call."""
-    data = load_client_data(cfg.dataset.name, cfg.dataset.data_dir, "iid", 0, 100, 0.0, 0)
-    x, y = data.x_train[:cfg.batch_size], data.y_train[:cfg.batch_size]
-    model = keras_model.build_model(cfg.model.name, x.shape[1:], cfg.optimizer, cfg.loss, cfg.learning_rate,
-                                    steps_per_execution=cfg.steps_per_execution)
-    times = []
-    for _ in range(repeats + 1):  # the first traces the training step
-        started = time.perf_counter()
-        keras_model.train(model, x, y, epochs=1, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=0)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) - cfg.batch_size * seconds_per_image
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11, help="rounds per run (round 1 is warm-up)")
@@ -167,21 +150,21 @@ def main() -> None:
             calls = [json.loads(line) for path in folder.glob("*.jsonl")
                      for line in path.read_text(encoding="utf-8").splitlines()]
         cores = psutil.cpu_count()
-        limit_rates, limit_cpu = samples_per_second(batch, cores, 1, cfg.steps_per_execution, repeats=3)
-        fixed = fit_fixed_cost(cfg, cores / statistics.median(limit_rates))
-        shares, cpu_per_second, round_seconds = budget(calls, fixed)
+        limit = samples_per_second(batch, cores, 1, cfg.steps_per_execution, repeats=3)
+        shares, cpu_per_second, round_seconds = budget(calls, limit.fit_fixed_seconds)
         print(f"\nsetting ({name}): {clients} clients, fraction_fit={fraction}, E={epochs}, B={batch}, "
               f"{label}; rounds 2..{args.rounds}, {statistics.median(round_seconds):.2f} s a round "
               f"(min {min(round_seconds):.2f}, max {max(round_seconds):.2f})")
         print("  share of each worker's time:")
         for part, share in shares.items():
             print(f"    {part:50s} {share:.3f}")
-        print(f"  (Keras' fixed cost of a fit call, timed apart: {1000 * fixed:.1f} ms)")
+        print(f"  (Keras' fixed cost of a fit call, timed by the machine limit's processes: "
+              f"{1000 * limit.fit_fixed_seconds:.1f} ms)")
         print(f"  CPU used inside the calls: {cpu_per_second:.3f} of a core per second")
         trained = shares[TRAINING] * cpu_per_second
         print(f"  so the workers trained {trained:.3f} of the machine's CPU time")
-        print(f"  the machine limit's {cores} processes used {limit_cpu:.3f} of a core per second "
-              f"of their training: the CPU time allows an efficiency of {trained / limit_cpu:.2f}")
+        print(f"  the machine limit's {cores} processes used {limit.cpu_per_second:.3f} of a core per second "
+              f"of their training: the CPU time allows an efficiency of {trained / limit.cpu_per_second:.2f}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def throughput(run: dict) -> str:
 
 def machine_limit(batch: int, arrangement: tuple[int, int, int]) -> float:
     """Median samples/s of the machine limit's fastest arrangement, over 3 repeats."""
-    return statistics.median(samples_per_second(batch, *arrangement, repeats=3)[0])
+    return statistics.median(samples_per_second(batch, *arrangement, repeats=3).rates)
 
 
 def limit_around(limits: list[float]) -> float:
@@ -208,7 +208,7 @@ def main() -> None:
         arrangements = ((cores, 1, steps_per_execution), (1, cores, steps_per_execution), (cores, 1, 1))
         medians = {}
         for arrangement in arrangements:
-            rates, _ = samples_per_second(batch, *arrangement)
+            rates = samples_per_second(batch, *arrangement).rates
             print(f"machine limit B={batch}: {arrangement[0]} process(es) x {arrangement[1]} thread(s), "
                   f"{arrangement[2]} step(s) per execution: {summary(rates)} samples/s")
             medians[arrangement] = statistics.median(rates)
