@@ -13,8 +13,17 @@ from flwr.simulation import run_simulation
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fl_app.client_app import build_client_app
-from fl_app.config_schema import AppConfig
+from fl_app.config_schema import AppConfig, ConfigError
 from fl_app.server_app import build_server_app
+
+# Set when Flower's simulation engine has ended. Flower's ServerApp thread waits for replies
+# with no end of its own, so when the engine crashes (e.g. no Ray node can host a client)
+# it would keep the process alive for ever; our send_and_receive stops on this instead.
+engine_stopped = threading.Event()
+
+
+class EngineStopped(RuntimeError):
+    """Raised in the ServerApp's thread: the engine has ended, no reply will come."""
 
 
 def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
@@ -35,12 +44,35 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
         backend_config["init_args"] = {"address": cfg.mode.ray_address}
     wake_on_stored_messages()
     seed_node_ids(cfg.seed)
-    run_simulation(
-        server_app=build_server_app(cfg),
-        client_app=build_client_app(cfg, client_mods),
-        num_supernodes=cfg.num_clients,
-        backend_config=backend_config,
-    )
+    engine_stopped.clear()
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg),
+            client_app=build_client_app(cfg, client_mods),
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config,
+        )
+    except RuntimeError as err:
+        if _no_room_for_a_client(err):
+            raise ConfigError(
+                "mode.num_cpus_per_client / mode.num_gpus_per_client",
+                f"got {cfg.mode.num_cpus_per_client} / {cfg.mode.num_gpus_per_client}, but no Ray node has "
+                "that many CPUs and GPUs for one virtual client (Flower's warning above says what it "
+                "found); each must be at most a node's own, num_gpus_per_client 0 without a GPU",
+            ) from err
+        raise
+    finally:
+        engine_stopped.set()  # a ServerApp still waiting for replies that will never come stops
+
+
+def _no_room_for_a_client(err: BaseException | None) -> bool:
+    """Whether Flower's engine stopped because no Ray node can host one client: Flower 1.42
+    raises a ValueError ("ActorPool is empty") and wraps it in two RuntimeErrors."""
+    while err is not None:
+        if isinstance(err, ValueError) and "ActorPool is empty" in str(err):
+            return True
+        err = err.__cause__
+    return False
 
 
 def seed_node_ids(seed: int) -> None:
@@ -113,6 +145,8 @@ def wake_on_stored_messages() -> None:
         deadline = None if timeout is None else time.time() + timeout
         received = []
         while waiting and (deadline is None or time.time() < deadline):
+            if engine_stopped.is_set():
+                raise EngineStopped("Flower's simulation engine has stopped; its error is above")
             replies.clear()
             for reply in grid.pull_messages(waiting):
                 received.append(reply)

@@ -157,6 +157,17 @@ def test_corrupt_data_file_stops_the_run_naming_the_file(tmp_path, data_root):
     assert sorted(p.name for p in run_dir.iterdir()) == ["run_simulation.log"]
 
 
+def test_a_gpu_share_no_ray_node_has_stops_the_run_naming_the_keys(tmp_path):
+    # No node holds 1,000 GPUs, so Flower's engine cannot host one client and stops; its
+    # ServerApp thread, waiting for replies, used to keep the process alive for ever.
+    result = run_simulation_cli("num_rounds=1", "num_clients=2", "mode.num_gpus_per_client=1000",
+                                f"output_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert ("Invalid config key 'mode.num_cpus_per_client / mode.num_gpus_per_client': got 1 / 1000.0"
+            in result.stdout + result.stderr)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_round_timeout_counts_late_clients_as_failed_and_keeps_the_model(tmp_path):
     run_dir = tmp_path / "run"
     result = run_simulation_cli("num_clients=2", "fraction_evaluate=0", "num_rounds=1",
