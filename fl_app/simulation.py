@@ -1,6 +1,7 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray) in this process."""
 
 import random
+import socket
 import threading
 import time
 from functools import cache
@@ -41,6 +42,7 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
     }
     if cfg.mode.ray_address:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
+        check_ray_head_answers(cfg.mode.ray_address)
         backend_config["init_args"] = {"address": cfg.mode.ray_address}
     wake_on_stored_messages()
     seed_node_ids(cfg.seed)
@@ -63,6 +65,20 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
         raise
     finally:
         engine_stopped.set()  # a ServerApp still waiting for replies that will never come stops
+
+
+def check_ray_head_answers(address: str) -> None:
+    """Fail at once, naming the key, when no Ray head listens at `address` (HOST:PORT, or
+    ray://HOST:PORT). Ray itself retries a wrong address for minutes, printing only its own
+    warnings; `auto` is left to Ray, which says at once when it finds no cluster."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError("mode.ray_address", f"got {address!r}, but no Ray head answers there ({err}); start "
+                          "one with `ray start --head` and give the HOST:PORT it prints, or auto") from None
 
 
 def _no_room_for_a_client(err: BaseException | None) -> bool:

@@ -42,3 +42,14 @@ def test_simulation_joins_a_running_ray_cluster(tmp_path, ray_head):
     assert len(worker_logs(session) - before) >= 2, "no client workers ran on the cluster"
     history = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2] and history[-1]["test_accuracy"] > 0.85
+
+
+def test_a_ray_address_where_no_head_answers_stops_the_run_naming_the_key(tmp_path):
+    # Ray alone retries such an address for minutes.
+    address = f"127.0.0.1:{free_port()}"
+    result = run_simulation_cli("num_rounds=1", "num_clients=2", f"mode.ray_address={address}",
+                                f"output_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert f"Invalid config key 'mode.ray_address': got '{address}', but no Ray head answers there" in (
+        result.stdout + result.stderr)
+    assert not (tmp_path / "metrics.json").exists()
