@@ -4,6 +4,7 @@ determinism, and each client's local split."""
 import numpy as np
 import pytest
 
+from fl_app.config_schema import ConfigError
 from fl_app.partition import Split, iid, load_client_data, load_test_set
 
 LABELS = np.arange(60_000) % 10
@@ -86,6 +87,17 @@ def test_quantity_skew_varies_sizes_but_not_labels():
     assert sizes.min() >= 10 and sizes.max() > 5 * np.median(sizes) / 2
     big = counts[sizes >= 1000]
     assert len(big) and np.all(np.abs(big / big.sum(axis=1, keepdims=True) - 0.1) < 0.05)
+
+
+@pytest.mark.parametrize("name, clients, params, key", [
+    ("iid", 60_001, {}, "num_clients"),
+    ("quantity_skew", 50, {"alpha": 0.5, "min_partition_size": 1201}, "partitioner.min_partition_size"),
+    # flwr-datasets draws 10 times, then gives up: no client may end with < 10 samples.
+    ("dirichlet", 50, {"alpha": 0.001, "min_partition_size": 10}, "partitioner.alpha, partitioner.min_partition_size"),
+])
+def test_settings_the_training_set_cannot_meet_fail_naming_their_keys(name, clients, params, key):
+    with pytest.raises(ConfigError, match=f"Invalid config key '{key}'"):
+        Split(SHUFFLED, name, clients, 1, **params).rows(0)
 
 
 def test_non_iid_client_data_is_its_partition(data_root):
