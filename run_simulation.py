@@ -6,6 +6,7 @@ Any key of conf/config.yaml can be overridden (`num_rounds=3 dataset=fashion_mni
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -48,6 +49,13 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DatasetError) as err:  # raised before the first round
         log.error("%s", err)
         sys.exit(2)
+    except KeyboardInterrupt:
+        log.warning("Interrupted. The rounds completed so far are saved in %s; run the same command "
+                    "with resume=true to continue.", app_cfg.output_dir)
+        logging.shutdown()
+        # Flower's engine threads may still wait on Ray for replies that will never come, and a
+        # normal exit would wait for them for ever. Every output file is whole (written atomically).
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """End to end on Flower's real simulation engine, through `run_simulation.py` as users run it."""
 
+import contextlib
 import json
 import os
 import re
@@ -140,6 +141,31 @@ def test_killed_run_resumes_from_last_completed_round_as_if_never_killed(tmp_pat
         return [{k: v for k, v in r.items() if k != "round_seconds"} for r in history]
 
     assert results(read_metrics(whole)) == results(after)
+
+
+def test_ctrl_c_stops_the_run_within_seconds(tmp_path):
+    # Flower's ServerApp thread used to go on waiting for replies after Ctrl-C stopped its engine.
+    out, log = tmp_path / "run", tmp_path / "output.txt"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_simulation.py"), *SMALL_RUN, "num_rounds=100", f"output_dir={out}"],
+        cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        # A shell running the tests in the background may ignore SIGINT; a user's terminal does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.json").exists() and read_metrics(out)):
+            assert proc.poll() is None, "run ended before its first round"
+            assert time.monotonic() < deadline, "no round completed in time"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to a terminal's foreground group
+        assert proc.wait(timeout=60) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone already, Ray's workers too
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert f"Interrupted. The rounds completed so far are saved in {out}" in log.read_text()
+    assert 1 <= len(read_metrics(out)) < 100
 
 
 def test_corrupt_data_file_stops_the_run_naming_the_file(tmp_path, data_root):
