@@ -11,6 +11,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fl_app.config import CONF_DIR, to_simulation_config
@@ -48,6 +49,8 @@ def main(cfg: DictConfig) -> None:
         simulate(app_cfg)
     except (ConfigError, DatasetError) as err:  # raised before the first round
         log.error("%s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed and goes on with the sweep's other jobs
         sys.exit(2)
     except KeyboardInterrupt:
         log.warning("Interrupted. The rounds completed so far are saved in %s; run the same command "

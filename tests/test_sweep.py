@@ -103,6 +103,17 @@ def write_job(sweep_dir, num, overrides, status, target=None, accuracies=None):
     (job_dir / "metrics.json").write_text(json.dumps(history))
 
 
+def test_a_job_the_data_cannot_serve_fails_alone_and_the_sweep_goes_on(tmp_path):
+    # No Dirichlet(0.0001) split gives all 20 clients 10 samples: known only once job 0 splits.
+    result = run_simulation_cli("-m", *SMALL_RUN, "num_rounds=1", "partitioner=dirichlet",
+                                "partitioner.alpha=0.0001,100", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode != 0  # the sweep reports its failed job
+    assert "Invalid config key 'partitioner.alpha, partitioner.min_partition_size'" in result.stdout + result.stderr
+    rows = read_summary(tmp_path)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "failed: no metrics.json"), ("1", "ok")]
+    assert rows[1]["rounds_completed"] == "1"
+
+
 def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
     # Job 10 first: jobs are ordered by number, not by directory name.
     write_job(tmp_path, 10, ["num_rounds=3", "seed=10"], "COMPLETED", None, [0.5, 0.6, 0.7])
