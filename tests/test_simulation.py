@@ -97,6 +97,14 @@ def test_non_iid_run_with_another_strategy_stops_at_target_accuracy(tmp_path):
     assert keras.models.load_model(run_dir / "model.keras").count_params() == 199_210
 
 
+def wait_for_a_completed_round(proc: subprocess.Popen, out) -> None:
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.json").exists() and read_metrics(out)):
+        assert proc.poll() is None, "run ended before its first round"
+        assert time.monotonic() < deadline, "no round completed in time"
+        time.sleep(0.5)
+
+
 def test_killed_run_resumes_from_last_completed_round_as_if_never_killed(tmp_path):
     out = tmp_path / "run"
     overrides = [*SMALL_RUN, "num_rounds=3", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h1'}"]
@@ -105,11 +113,7 @@ def test_killed_run_resumes_from_last_completed_round_as_if_never_killed(tmp_pat
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not ((out / "metrics.json").exists() and read_metrics(out)):
-            assert proc.poll() is None, "run ended before its first round"
-            assert time.monotonic() < deadline, "no round completed in time"
-            time.sleep(0.5)
+        wait_for_a_completed_round(proc, out)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray workers it started
         proc.wait()
@@ -153,11 +157,7 @@ def test_ctrl_c_stops_the_run_within_seconds(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 300
-        while not ((out / "metrics.json").exists() and read_metrics(out)):
-            assert proc.poll() is None, "run ended before its first round"
-            assert time.monotonic() < deadline, "no round completed in time"
-            time.sleep(0.5)
+        wait_for_a_completed_round(proc, out)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to a terminal's foreground group
         assert proc.wait(timeout=60) == 130
     finally:
