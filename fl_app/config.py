@@ -71,6 +71,11 @@ def from_run_config(run_config: Mapping[str, object]) -> AppConfig:
     return _compose_overrides(str(run_config.get(OVERRIDES_KEY, "")))
 
 
+def given_keys(run_config: Mapping[str, object]) -> set[str]:
+    """The config keys that a `flwr run`'s overrides set (`num_clients=3` -> num_clients)."""
+    return {item.split("=", 1)[0].lstrip("+~") for item in shlex.split(str(run_config.get(OVERRIDES_KEY, "")))}
+
+
 @lru_cache(maxsize=4)
 def _compose_overrides(overrides: str) -> AppConfig:
     # Composed once per process and override string, not once per client call.

@@ -32,6 +32,9 @@ STRATEGIES = {
 MODES = ("simulation", "deployment")
 SIMULATION_ONLY = ("num_gpus_per_client", "ray_address")  # mode settings of the Ray engine
 CENTRAL_DP = ("server_fixed", "client_fixed")  # noise on the sum
+# Strategies whose worth is in how they weigh single updates; under central DP they get
+# only the noised average.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("none", *CENTRAL_DP, "local")
 # Flower 1.42's adaptive clipping wrappers, refused with the reason (docs/privacy.md).
 ADAPTIVE_DP = ("server_adaptive", "client_adaptive")
@@ -244,6 +247,10 @@ def _check_privacy(cfg: AppConfig) -> None:
     _in_range("privacy.delta", privacy.delta, 0, 1, "()")
     _in_range("privacy.target_epsilon", privacy.target_epsilon, 0, inf, "()")
     _in_range("privacy.local_epsilon", privacy.local_epsilon, 0, inf, "()")
+    if privacy.dp in CENTRAL_DP and cfg.strategy.name in ROBUST_STRATEGIES:
+        averaging = ", ".join(name for name in STRATEGIES if name not in ROBUST_STRATEGIES)
+        raise ConfigError("strategy.name", f"got {cfg.strategy.name}, which weighs single updates, but central DP "
+                          f"gives the strategy only their noised average; use one of {averaging}")
     if privacy.target_epsilon is not None and privacy.dp not in CENTRAL_DP:
         raise ConfigError("privacy.target_epsilon", "needs central DP (privacy.dp server_* or "
                           f"client_*), got privacy.dp={privacy.dp}")

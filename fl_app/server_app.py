@@ -4,8 +4,10 @@ Built on Flower's legacy path (`LegacyContext` + a DefaultWorkflow-style loop) b
 that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
 """
 
+import dataclasses
 import time
-from logging import INFO
+from collections.abc import Mapping
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fl_app import model as keras_model
-from fl_app.config import from_run_config
+from fl_app.config import from_run_config, given_keys
 from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
 from fl_app.data import class_names, image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
@@ -44,7 +46,7 @@ class RoundRecorder:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
         record["round_seconds"] = round(seconds, 3)
         if self.budget is not None:
-            record["epsilon"] = self.budget.spend()
+            record.update(self.budget.spend(record))
         self.history.append(record)
         self.weights = weights
         log(INFO, "%s", progress_line(record, self.num_rounds))
@@ -57,7 +59,9 @@ class RoundRecorder:
         reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
-        return reached
+        spent = (self.budget is not None and server_round < self.num_rounds
+                 and not self.budget.allows_another(record["clients_sampled"], record["clients_available"]))
+        return reached or spent
 
 
 def progress_line(record: dict, num_rounds: int) -> str:
@@ -127,17 +131,15 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
         checkpoint.round, loss, metrics["accuracy"])
 
-    # Flower's strategies sample this many clients a round (fraction_fit of num_clients).
-    num_sampled = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
-    central_dp = cfg.privacy.dp in CENTRAL_DP
     strategy = build_strategy(
         cfg.strategy.name,
         own_settings(cfg.strategy),
         checkpoint.weights,
-        wrap=lambda inner: with_central_dp(inner, cfg.privacy, num_sampled),
+        wrap=lambda inner: with_central_dp(inner, cfg.privacy),
         secure_aggregation=cfg.privacy.secagg,
-        equal_weights=central_dp,
-        sampling_seed=cfg.seed,
+        # Central DP's epsilon counts on no one knowing who was sampled: a draw that anyone
+        # with the config's seed could recompute would void that amplification.
+        sampling_seed=None if cfg.privacy.dp in CENTRAL_DP else cfg.seed,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,
@@ -153,8 +155,12 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         },
     )
     strategy.restore_optimizer_state(checkpoint.optimizer_state)
-    budget = PrivacyBudget(cfg.privacy, num_sampled, cfg.num_clients, checkpoint.round) if central_dp else None
-    num_rounds = cfg.num_rounds if budget is None else budget.last_round(cfg.num_rounds)
+    budget, num_rounds = None, cfg.num_rounds
+    if cfg.privacy.dp in CENTRAL_DP:
+        budget = PrivacyBudget(cfg.privacy, checkpoint.history)
+        # Planned as Flower's strategies sample: fraction_fit of the federation, at least min_fit_clients.
+        planned = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
+        num_rounds = budget.last_round(checkpoint.round, cfg.num_rounds, planned, cfg.num_clients)
     recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
                                  evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
@@ -178,13 +184,37 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     )
 
 
+def federation_config(grid: Grid, run_config: Mapping[str, object]) -> AppConfig:
+    """The config of a `flwr run`, with `num_clients` the federation's size: the SuperNodes
+    connected once enough are for a round (max(min_fit_clients, min_evaluate_clients)).
+
+    The privacy budget's plan and the simulation's partition record count on it. A value
+    given in the overrides that differs is overridden, with a warning (docs/privacy.md).
+    """
+    cfg = from_run_config(run_config)
+    needed = max(cfg.min_fit_clients, cfg.min_evaluate_clients)
+    if len(grid.get_node_ids()) < needed:
+        log(INFO, "Waiting for %s SuperNodes to connect", needed)
+    while len(nodes := grid.get_node_ids()) < needed:
+        time.sleep(1)
+    if len(nodes) == cfg.num_clients:
+        return cfg
+    if "num_clients" in given_keys(run_config):
+        log(WARNING, "num_clients=%s was given, but the federation has %s SuperNodes: using %s",
+            cfg.num_clients, len(nodes), len(nodes))
+    else:
+        log(INFO, "num_clients follows the federation: %s SuperNodes", len(nodes))
+    return dataclasses.replace(cfg, num_clients=len(nodes))
+
+
 def build_server_app(cfg: AppConfig | None = None) -> ServerApp:
-    """A ServerApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's."""
+    """A ServerApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's, sized
+    to the federation."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, cfg or from_run_config(context.run_config))
+        run_server(grid, context, cfg or federation_config(grid, context.run_config))
 
     return server_app
 

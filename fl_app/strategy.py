@@ -84,10 +84,6 @@ def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExcep
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
-def _counted_once(res: FitRes) -> FitRes:
-    return FitRes(res.status, res.parameters, 1, res.metrics)
-
-
 # conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -109,7 +105,6 @@ def build_strategy(
     *,
     wrap: Callable[[Strategy], Strategy] = lambda strategy: strategy,
     secure_aggregation: bool = False,
-    equal_weights: bool = False,
     sampling_seed: int | None = None,
     **common,
 ) -> "ValidatedStrategy":
@@ -126,7 +121,7 @@ def build_strategy(
     strategy = STRATEGIES[name](
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
-    return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation, equal_weights,
+    return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation,
                              optimizer=strategy, sampling_seed=sampling_seed)
 
 
@@ -137,18 +132,21 @@ class SeededSampling:
     from its clients in the order they connected, so the same seed sampled different
     clients in every run. This draws from the clients in order of id (a simulation's node
     ids are seeded: fl_app/simulation.py) with `rng`, and otherwise waits, filters and
-    fails as Flower's does.
+    fails as Flower's does. `population`: how many clients the last draw was made from,
+    which differential privacy's accounting needs.
     """
 
     def __init__(self, manager: ClientManager, rng: random.Random) -> None:
         self.manager = manager
         self.rng = rng
+        self.population = 0
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Criterion | None = None) -> list[ClientProxy]:
         self.manager.wait_for(num_clients if min_num_clients is None else min_num_clients)
         clients = self.manager.all()
         available = sorted(cid for cid, proxy in clients.items() if criterion is None or criterion.select(proxy))
+        self.population = len(available)
         if num_clients > len(available):
             log(INFO, "Sampling failed: %s clients available, %s requested", len(available), num_clients)
             return []
@@ -162,23 +160,19 @@ class ValidatedStrategy(Strategy):
     """A Flower strategy plus update validation and a per-round record (`rounds`).
 
     secure_aggregation: the results are SecAgg+'s (every client carries the same unmasked
-    sum, in float64), so only that sum can be checked. equal_weights: every valid update
-    counts once, not by its examples, as differential privacy's noise assumes. Clients
-    under central DP already report num_examples=1 (the only way under SecAgg+, which
-    weighs inside the protocol); this holds it against a client that does not.
+    sum, in float64), so only that sum can be checked.
     sampling_seed: each round's draws of clients (to train, to evaluate) are seeded by it,
-    the round and the phase, so a resumed run draws what the uninterrupted one did.
+    the round and the phase, so a resumed run draws what the uninterrupted one did (None:
+    draws from the operating system's randomness, which no one can recompute).
     """
 
     def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
-                 equal_weights: bool = False, optimizer: Strategy | None = None,
-                 sampling_seed: int | None = None) -> None:
+                 optimizer: Strategy | None = None, sampling_seed: int | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.optimizer = optimizer or strategy  # the Flower strategy inside any wrapper
         self.min_fit_clients = min_fit_clients
         self.secure_aggregation = secure_aggregation
-        self.equal_weights = equal_weights
         self.sampling_seed = sampling_seed
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
@@ -199,23 +193,22 @@ class ValidatedStrategy(Strategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 
-    def _sampling(self, client_manager: ClientManager, server_round: int,
-                  phase: str) -> ClientManager | SeededSampling:
+    def _sampling(self, client_manager: ClientManager, server_round: int, phase: str) -> SeededSampling:
         if self.sampling_seed is None:
-            return client_manager
+            return SeededSampling(client_manager, random.SystemRandom())
         return SeededSampling(client_manager, random.Random(f"{self.sampling_seed}/{server_round}/{phase}"))
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(parameters)]
-        instructions = self.strategy.configure_fit(server_round, parameters,
-                                                   self._sampling(client_manager, server_round, "fit"))
+        sampling = self._sampling(client_manager, server_round, "fit")
+        instructions = self.strategy.configure_fit(server_round, parameters, sampling)
         sampled = len(instructions)
         # Failed until aggregated (SecAgg+ may halt a round without aggregating).
-        self.rounds[server_round] = {"round": server_round, "clients_sampled": sampled,
-                                     "clients_succeeded": 0, "clients_failed": sampled,
-                                     "status": "failed"}
+        self.rounds[server_round] = {"round": server_round, "clients_available": sampling.population,
+                                     "clients_sampled": sampled, "clients_succeeded": 0,
+                                     "clients_failed": sampled, "status": "failed"}
         return instructions
 
     def aggregate_fit(
@@ -265,12 +258,8 @@ class ValidatedStrategy(Strategy):
                 self.min_fit_clients,
             )
             return None, {}
-        if self.equal_weights:
-            valid = [(proxy, _counted_once(res)) for proxy, res in valid]
         # A fixed order makes the floating-point sum, and so the run, reproducible.
         valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
-        # Rejected updates go on as failures: a DP wrapper then voids the round, since its
-        # noise is calibrated to every sampled client.
         parameters, metrics = self.strategy.aggregate_fit(server_round, valid, [*failures, *rejected])
         if parameters is None:
             log(WARNING, "Round %s: %r aggregated nothing; global model unchanged", server_round,

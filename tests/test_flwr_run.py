@@ -8,6 +8,8 @@ import subprocess
 import psutil
 import pytest
 from conftest import BIN, REPO, free_port, run_simulation_cli
+from dp_accounting import NeighboringRelation, dp_event
+from dp_accounting.rdp import RdpAccountant
 
 
 def stop_processes_under(flwr_home) -> None:
@@ -39,17 +41,20 @@ def flwr_env(tmp_path):
     stop_processes_under(home)
 
 
+def flwr_run(flwr_env, overrides, supernodes):
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f'overrides="{overrides}"',
+         "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1"],
+        cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=600,
+    )
+
+
 def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_env):
     # Also the test of reproducibility: two runs, separate processes, the same seed.
     out = tmp_path / "run"
     # Each client trains on 4,000 images (80 % of its third held out, unused): quick, still learns.
     overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 dataset.val_fraction=0.8 output_dir={out}"
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", "--stream",
-         "--run-config", f'overrides="{overrides}"',
-         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
-        cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=600,
-    )
+    result = flwr_run(flwr_env, overrides, supernodes=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2]
@@ -71,3 +76,25 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     keys = ("test_loss", "test_accuracy", "train_loss")
     via_cli = [[r[k] for k in keys] for r in json.loads((other / "metrics.json").read_text())]
     assert via_cli == [[r[k] for k in keys] for r in history]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_clients", [None, 10])
+def test_central_dp_under_flwr_run_accounts_for_the_federation_that_ran(tmp_path, flwr_env, num_clients):
+    """3 SuperNodes, num_clients left at its default (10) or given as 10: the federation's
+    size replaces it (with a warning when it was given), and each record says what happened."""
+    out = tmp_path / "run"
+    given = "" if num_clients is None else f"num_clients={num_clients} "
+    overrides = (f"{given}num_rounds=1 fraction_evaluate=0 dataset.val_fraction=0.8 privacy=central_dp "
+                 f"privacy.noise_multiplier=1.0 output_dir={out}")
+    result = flwr_run(flwr_env, overrides, supernodes=3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (record,) = json.loads((out / "metrics.json").read_text())
+    assert (record["dp_clients_sampled"], record["dp_clients_aggregated"], record["dp_population"]) == (3, 3, 3)
+    assert record["dp_noise_std"] == pytest.approx(1.0 * 1.0 / 3)
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_event.SampledWithoutReplacementDpEvent(3, 3, dp_event.GaussianDpEvent(0.5)))
+    assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert "num_clients: 3" in (out / "config.yaml").read_text()
+    warned = "num_clients=10 was given, but the federation has 3 SuperNodes" in result.stdout
+    assert warned == (num_clients is not None), result.stdout[-3000:]

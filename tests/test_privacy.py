@@ -29,15 +29,15 @@ from fl_app.strategy import build_strategy
 
 
 def central_dp_round(shapes, num_clients, noise_multiplier, clipping_norm, dp="server_fixed",
-                     initial=None, **common):
-    """A FedAvg round (zeros, or `initial` weights) wrapped in Flower's central-DP wrapper
-    `dp`, configured for `num_clients`: the strategy, the clients, their fit instructions."""
+                     initial=None, min_fit_clients=None, **common):
+    """A FedAvg round (zeros, or `initial` weights) under the central DP `dp`, all of
+    `num_clients` sampled: the strategy, the clients, their fit instructions."""
     privacy = dataclasses.replace(compose_config(["privacy=central_dp"]).privacy, dp=dp,
                                   noise_multiplier=noise_multiplier, clipping_norm=clipping_norm)
     initial = initial or [np.zeros(shape, np.float32) for shape in shapes]
-    strategy = build_strategy("fedavg", {}, initial, min_fit_clients=num_clients,
-                              min_available_clients=num_clients, equal_weights=True,
-                              wrap=lambda inner: with_central_dp(inner, privacy, num_clients), **common)
+    strategy = build_strategy("fedavg", {}, initial, min_fit_clients=min_fit_clients or num_clients,
+                              min_available_clients=num_clients,
+                              wrap=lambda inner: with_central_dp(inner, privacy), **common)
     proxies = [GridClientProxy(node_id=i + 1, grid=None, run_id=0) for i in range(num_clients)]
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(initial), connected(proxies))
     return strategy, proxies, [fit_ins for _, fit_ins in instructions]
@@ -66,16 +66,27 @@ def test_server_side_clipping_bounds_each_update_and_weighs_clients_equally():
         np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5)
 
 
-def test_noise_std_is_noise_multiplier_times_clip_over_sampled_clients():
-    np.random.seed(0)  # Flower draws the noise from NumPy's global generator
-    strategy, proxies, _ = central_dp_round([(200_000,)], 10, noise_multiplier=1.5, clipping_norm=2.0)
+@pytest.mark.parametrize("replies", [10, 4])
+def test_noise_is_calibrated_to_the_sampled_clients_whoever_replies(replies):
+    """DP-FedAvg's fixed denominator: (sum of clipped updates + N(0, (z C)^2)) / sampled,
+    whether all 10 sampled clients reply or 6 of them fail or send a rejected update."""
+    strategy, proxies, _ = central_dp_round([(200_000,)], 10, noise_multiplier=1.5, clipping_norm=2.0,
+                                            min_fit_clients=2)
     # Every client moves every weight by 0.001 (norm 0.45 < clip: not clipped).
     same = [np.full(200_000, 0.001, np.float32)]
-    parameters, _ = strategy.aggregate_fit(1, [fit_result(p, same, 100) for p in proxies], [])
-    noise = parameters_to_ndarrays(parameters)[0] - 0.001
+    results = [fit_result(p, same, 100) for p in proxies[:replies]]
+    nan = [np.full(200_000, np.nan, np.float32)]
+    rejected = [fit_result(p, nan, 100) for p in proxies[replies:replies + 3]]
+    failures = [RuntimeError("client lost")] * (10 - replies - len(rejected))
+    parameters, _ = strategy.aggregate_fit(1, [*results, *rejected], failures)
+    change = parameters_to_ndarrays(parameters)[0]
+    noise = change - 0.001 * replies / 10  # the sum of the updates over the 10 sampled
     assert abs(noise.mean()) < 0.003
     # 1.5 x 2.0 / 10 = 0.3; the std of 200,000 draws is within 1 % of it (about 6 standard errors).
     assert noise.std() == pytest.approx(0.3, rel=0.01)
+    record = strategy.rounds[1]
+    assert (record["dp_clients_aggregated"], record["dp_noise_std"]) == (replies, pytest.approx(0.3))
+    assert (record["clients_sampled"], record["clients_available"], record["status"]) == (10, 10, "ok")
 
 
 def test_flowers_adaptive_clipping_steps_away_from_its_target():
@@ -145,35 +156,57 @@ def test_local_dp_clips_then_adds_the_gaussian_noise_it_states():
     assert res.num_examples > 2000  # local DP keeps FedAvg's weighting
 
 
-def test_epsilon_grows_with_rounds_as_dp_accounting_says():
+def dp_accounting_epsilon(rounds, noise_multiplier, delta=1e-5):
+    """dp-accounting's own ε after `rounds` of (sampled, population), each sampled without
+    replacement; replace-one moves the sum by 2 x clip, so the multiplier is z / 2."""
+    accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for sampled, population in rounds:
+        accountant.compose(dp_event.SampledWithoutReplacementDpEvent(
+            population, sampled, dp_event.GaussianDpEvent(noise_multiplier / 2)))
+    return accountant.get_epsilon(delta)
+
+
+def round_record(sampled, available, aggregated=None):
+    record = {"clients_sampled": sampled, "clients_available": available}
+    return record if aggregated is None else {**record, "dp_clients_aggregated": aggregated, "dp_noise_std": 0.1}
+
+
+def test_epsilon_is_composed_from_what_each_round_did():
     privacy = compose_config(["privacy=central_dp", "privacy.noise_multiplier=1.0"]).privacy
-    budget = PrivacyBudget(privacy, num_sampled=10, population=100)
-    spent = [budget.spend() for _ in range(5)]
-    assert all(a < b for a, b in zip(spent, spent[1:]))
-    # The same figure from dp-accounting itself: 5 rounds, 10 of 100 sampled without replacement.
-    accountant = rdp_privacy_accountant.RdpAccountant(
-        neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    event = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(1.0))
-    accountant.compose(event, 5)
-    assert spent[-1] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    budget = PrivacyBudget(privacy)
+    # A round of 10 of 100, one where the federation shrank to 50 (7 sampled, 5 aggregated),
+    # one that sampled no one, one that aggregated nothing (it still counts).
+    rounds = [round_record(10, 100, 10), round_record(7, 50, 5), round_record(0, 50), round_record(7, 50)]
+    spent = [budget.spend(record) for record in rounds]
+    assert spent[1] == {"dp_clients_sampled": 7, "dp_clients_aggregated": 5, "dp_population": 50,
+                        "dp_noise_std": 0.1, "epsilon": pytest.approx(dp_accounting_epsilon([(10, 100), (7, 50)], 1.0))}
+    assert spent[2]["epsilon"] == spent[1]["epsilon"]
+    assert (spent[3]["dp_clients_aggregated"], spent[3]["dp_noise_std"]) == (0, 0.0)
+    assert spent[3]["epsilon"] == pytest.approx(dp_accounting_epsilon([(10, 100), (7, 50), (7, 50)], 1.0), rel=1e-9)
+    # A resumed run recomposes the rounds of its history.
+    assert PrivacyBudget(privacy, spent).epsilon_after(0, 0, 1) == pytest.approx(spent[3]["epsilon"], rel=1e-9)
 
 
 def test_the_budget_sets_the_last_round_before_the_run_starts():
-    # 10 clients, all sampled, z=0.1: epsilon after rounds 1, 2, 3 is about 96, 166, 231.
-    privacy = compose_config(["privacy=central_dp", "privacy.noise_multiplier=0.1"]).privacy
+    # 10 clients, all sampled, z=0.2: epsilon after rounds 1, 2, 3 is about 96, 166, 231.
+    privacy = compose_config(["privacy=central_dp", "privacy.noise_multiplier=0.2"]).privacy
+    ran = PrivacyBudget(privacy)
+    history = [ran.spend(round_record(10, 10, 10)) for _ in range(2)]
 
     def budget(target_epsilon=200.0, rounds_done=0):
-        return PrivacyBudget(dataclasses.replace(privacy, target_epsilon=target_epsilon), 10, 10, rounds_done)
+        return PrivacyBudget(dataclasses.replace(privacy, target_epsilon=target_epsilon), history[:rounds_done])
 
-    assert budget().last_round(5) == 2
-    assert budget(rounds_done=1).last_round(5) == 2  # a resumed run
-    assert budget(rounds_done=2).last_round(5) == 2  # nothing left to run
-    assert budget(target_epsilon=None).last_round(5) == budget(target_epsilon=1000).last_round(5) == 5
-    # A resumed run counts the rounds before it: the same epsilon as one that never stopped.
-    resumed, whole = budget(rounds_done=2), budget()
-    assert resumed.spend() == pytest.approx([whole.spend() for _ in range(3)][-1], rel=1e-9)
+    def last_round(rounds_done=0, **settings):
+        return budget(rounds_done=rounds_done, **settings).last_round(rounds_done, 5, 10, 10)
+
+    assert last_round() == 2
+    assert last_round(rounds_done=1) == 2  # a resumed run
+    assert last_round(rounds_done=2) == 2  # nothing left to run
+    assert last_round(target_epsilon=None) == last_round(target_epsilon=1000) == 5
+    # During the run: another round like the last one.
+    assert budget(rounds_done=1).allows_another(10, 10) and not budget(rounds_done=2).allows_another(10, 10)
     with pytest.raises(ConfigError) as err:
-        budget(target_epsilon=50).last_round(5)
+        last_round(target_epsilon=50)
     assert err.value.key == "privacy.target_epsilon" and "one round already" in str(err.value)
 
 
@@ -203,16 +236,18 @@ def history(run_dir):
 
 
 def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
-    # 10 clients, all sampled: epsilon after rounds 1, 2, 3 is about 96, 166, 231 at z=0.1.
+    # 10 clients, all sampled: epsilon after rounds 1, 2, 3 is about 96, 166, 231 at z=0.2.
     # eval_every=3 would skip round 2, but the run's last model is evaluated all the same.
     run_dir = tmp_path / "run"
     result = run_simulation_cli(
         "num_clients=10", "num_rounds=3", "fraction_evaluate=0", "eval_every=3", "privacy=central_dp",
-        "privacy.noise_multiplier=0.1", "privacy.target_epsilon=200", f"hydra.run.dir={run_dir}")
+        "privacy.noise_multiplier=0.2", "privacy.target_epsilon=200", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = history(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]  # a third round would pass epsilon 200
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 200
+    assert rounds[1]["epsilon"] == pytest.approx(dp_accounting_epsilon([(10, 10)] * 2, 0.2), rel=1e-9)
+    assert [(r["dp_clients_sampled"], r["dp_clients_aggregated"], r["dp_population"]) for r in rounds] == [(10, 10, 10)] * 2
     assert "test_accuracy" not in rounds[0]
     assert rounds[-1]["test_accuracy"] > 0.3, rounds  # chance is 0.1
     log = (run_dir / "run_simulation.log").read_text()
@@ -256,40 +291,71 @@ def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_
     assert final[1]["test_accuracy"] == pytest.approx(final[0]["test_accuracy"], abs=0.01)
 
 
-DROPOUT_RUN = '''
+FAILING_CLIENTS_RUN = '''
 import sys
-from flwr.simulation import run_simulation
-from fl_app.client_app import build_client_app
 from fl_app.config import compose_config
-from fl_app.server_app import build_server_app
+from fl_app.simulation import simulate
+
+failing, stage = {int(p) for p in sys.argv[1].split(",")}, sys.argv[2]
 
 
-def drop_out_mid_protocol(message, context, call_next):
-    """Partition 0 vanishes after SecAgg+'s key exchange, before sending its masked update."""
+def fail(message, context, call_next):
+    """The partitions `failing` raise at `stage`: a SecAgg+ stage, or "train" (plain training)."""
     configs = message.content.config_records.get("secaggplus_configs", {})
-    if context.node_config["partition-id"] == 0 and configs.get("stage") == "collect_masked_vectors":
-        raise RuntimeError("partition 0 dropped out")
+    if (context.node_config["partition-id"] in failing and message.metadata.message_type == "train"
+            and configs.get("stage", "train") == stage):
+        raise RuntimeError(f"partition {context.node_config['partition-id']} failed at {stage}")
     return call_next(message, context)
 
 
-cfg = compose_config(sys.argv[1:])
-run_simulation(server_app=build_server_app(cfg),
-               client_app=build_client_app(cfg, mods=(drop_out_mid_protocol,)),
-               num_supernodes=cfg.num_clients,
-               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+simulate(compose_config(sys.argv[3:]), client_mods=(fail,))
 '''
 
 
-def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
-    script, out = tmp_path / "dropout_run.py", tmp_path / "run"
-    script.write_text(DROPOUT_RUN)
-    result = subprocess.run([sys.executable, str(script), *SECAGG, "num_rounds=1", f"output_dir={out}"],
+def run_with_failing_clients(tmp_path, partitions, stage, *overrides):
+    """`simulate` (our engine, as run_simulation.py runs it) with the `partitions` failing at `stage`."""
+    script = tmp_path / "failing_clients_run.py"
+    script.write_text(FAILING_CLIENTS_RUN)
+    result = subprocess.run([sys.executable, str(script), ",".join(map(str, partitions)), stage, *overrides],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
+    # Partition 0 vanishes after SecAgg+'s key exchange, before sending its masked update.
+    out = tmp_path / "run"
+    run_with_failing_clients(tmp_path, [0], "collect_masked_vectors", *SECAGG, "num_rounds=1", f"output_dir={out}")
     (record,) = history(out)
     # 4 shares, threshold 3: one dropout is tolerated, the other three are aggregated.
     assert (record["clients_succeeded"], record["status"]) == (3, "ok"), record
     assert record["test_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(tmp_path):
+    """Partitions 0 and 1 of 4 fail every round: the noise stays calibrated to the 4 sampled
+    (DP-FedAvg's fixed denominator), and epsilon is composed from each round's figures."""
+    out = tmp_path / "run"
+    run = ["num_clients=4", "min_fit_clients=2", "fraction_evaluate=0", "dataset.val_fraction=0.8",
+           "privacy=central_dp", "privacy.noise_multiplier=0.1", "privacy.clipping_norm=1.0", f"output_dir={out}"]
+    run_with_failing_clients(tmp_path, [0, 1], "train", *run, "num_rounds=1")
+    start = keras_model.initial_weights("seed_cnn", (28, 28, 1), seed=42)
+    after = keras.models.load_model(out / "model.keras").get_weights()
+    change = np.concatenate([(b - a).ravel() for a, b in zip(start, after)])
+    # Noise of std 0.1 x 1.0 / 4 on each weight; the two clipped updates (norm <= 0.5 after
+    # dividing by 4, over 693,962 weights) add less than 0.1 % to it.
+    assert change.std() == pytest.approx(0.1 * 1.0 / 4, rel=0.01)
+    assert abs(change.mean()) < 0.001
+
+    run_with_failing_clients(tmp_path, [0, 1], "train", *run, "num_rounds=2", "resume=true")
+    rounds = history(out)
+    for record in rounds:
+        assert (record["dp_clients_sampled"], record["dp_clients_aggregated"], record["dp_population"],
+                record["clients_failed"], record["status"]) == (4, 2, 4, 2, "ok"), record
+        assert record["dp_noise_std"] == pytest.approx(0.025)
+    # The resumed run recomposed round 1 from its record.
+    assert [r["epsilon"] for r in rounds] == pytest.approx(
+        [dp_accounting_epsilon([(4, 4)] * n, 0.1) for n in (1, 2)], rel=1e-9)
 
 
 def test_secagg_with_client_side_dp_learns_and_spends_epsilon(tmp_path):
