@@ -1,12 +1,15 @@
 """Shared test setup: real data from ../shared/datasets unless FL_APP_DATA_DIR says otherwise."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+from fl_app.local_federation import free_port  # noqa: F401 (fl_app's own, for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # console scripts (flwr, ray) of this Python environment
@@ -41,10 +44,56 @@ def data_root() -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def read_history(run_dir: Path) -> list[dict]:
+    """A run's metrics.json: one record per completed round."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def fit_result(proxy, arrays, num_examples, **metrics):
+    """A client's successful fit reply, as a strategy receives it."""
+    return proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, metrics)
+
+
+CLIENT_FAULT_RUN = '''
+import sys
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fl_app.config import compose_config
+from fl_app.simulation import simulate
+
+partitions, fault = {int(p) for p in sys.argv[1].split(",")}, sys.argv[2]
+
+
+def fault_mod(message, context, call_next):
+    """The clients of `partitions` fail: "nan" replies NaN weights; any other fault names the
+    stage at which they raise: "train" (plain training) or a SecAgg+ stage."""
+    if context.node_config["partition-id"] not in partitions or message.metadata.message_type != "train":
+        return call_next(message, context)
+    if fault == "nan":
+        reply = call_next(message, context)
+        for key, record in list(reply.content.array_records.items()):
+            reply.content.array_records[key] = ArrayRecord([np.full_like(a, np.nan) for a in record.to_numpy_ndarrays()])
+        return reply
+    if message.content.config_records.get("secaggplus_configs", {}).get("stage", "train") == fault:
+        raise RuntimeError(f"partition {context.node_config['partition-id']} failed at {fault}")
+    return call_next(message, context)
+
+
+simulate(compose_config(sys.argv[3:]), client_mods=(fault_mod,))
+'''
+
+
+def run_with_client_fault(tmp_path: Path, partitions: list[int], fault: str, *overrides: str) -> None:
+    """A simulation on fl_app's engine (`simulate`, as run_simulation.py runs it) in which the
+    clients of `partitions` fail as `fault` says (CLIENT_FAULT_RUN)."""
+    script = tmp_path / "client_fault_run.py"
+    script.write_text(CLIENT_FAULT_RUN)
+    result = subprocess.run([sys.executable, str(script), ",".join(map(str, partitions)), fault, *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def write_image_folder(root: Path, images, labels, size: tuple[int, int] | None = None,

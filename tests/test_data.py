@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import io
 import os
-import socket
 import struct
 import tarfile
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from fl_app.data import (
     CIFAR_ARCHIVE,
@@ -116,13 +116,6 @@ def tar_gz(files: dict[str, bytes], symlinks: tuple[str, ...] = ()) -> bytes:
 def cifar_archive(files: dict[str, bytes], **extra: bytes) -> bytes:
     """The archive layout of cifar-10-binary.tar.gz, plus `extra` members by full name."""
     return tar_gz({**{f"{CIFAR_FOLDER}/{name}": data for name, data in files.items()}, **extra})
-
-
-def closed_port() -> int:
-    """A local port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed when the block ends
 
 
 # ---------- real data ----------
@@ -432,7 +425,7 @@ UNREACHABLE = {
 @pytest.mark.parametrize("name", UNREACHABLE)
 def test_unreachable_server_names_missing_file(tmp_path, name):
     loader, missing, fetched = UNREACHABLE[name]
-    port = closed_port()
+    port = free_port()  # nothing listens there
     spec = dataclasses.replace(DATASETS[name], base_url=f"http://127.0.0.1:{port}/")
     with pytest.raises(DatasetError) as e:
         loader(spec, tmp_path)

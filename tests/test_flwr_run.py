@@ -11,6 +11,8 @@ from conftest import BIN, REPO, free_port, run_simulation_cli
 from dp_accounting import NeighboringRelation, dp_event
 from dp_accounting.rdp import RdpAccountant
 
+pytestmark = pytest.mark.slow  # every test starts Flower's CLI, a SuperLink and a federation
+
 
 def stop_processes_under(flwr_home) -> None:
     """Kill the SuperLink that `flwr run` left running for this FLWR_HOME, and its children."""
@@ -78,7 +80,6 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     assert via_cli == [[r[k] for k in keys] for r in history]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("num_clients", [None, 10])
 def test_central_dp_under_flwr_run_accounts_for_the_federation_that_ran(tmp_path, flwr_env, num_clients):
     """3 SuperNodes, num_clients left at its default (10) or given as 10: the federation's

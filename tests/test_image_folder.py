@@ -96,6 +96,7 @@ def test_own_images_are_split_into_train_and_held_out(tmp_path, digits):
         load_own_images(str(one), "mnist", 0.9, 7)
 
 
+@pytest.mark.slow
 def test_check_node_reports_a_good_folder_and_stops_on_a_bad_one(tmp_path, digits):
     root = write_image_folder(tmp_path / "own", *digits)
 

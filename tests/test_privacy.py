@@ -2,19 +2,16 @@
 (Flower's workflow and mod), on real Flower objects and real simulations."""
 
 import dataclasses
-import json
-import subprocess
-import sys
 import time
 
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, run_simulation_cli
+from conftest import fit_result, read_history, run_simulation_cli, run_with_client_fault
 from dp_accounting import NeighboringRelation, dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.common import Code, FitIns, FitRes, Metadata, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, Metadata, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat
 from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -48,10 +45,6 @@ def connected(proxies):
     for proxy in proxies:
         manager.register(proxy)
     return manager
-
-
-def fit_result(proxy, arrays, num_examples):
-    return proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {})
 
 
 def test_server_side_clipping_bounds_each_update_and_weighs_clients_equally():
@@ -89,9 +82,11 @@ def test_noise_is_calibrated_to_the_sampled_clients_whoever_replies(replies):
     assert (record["clients_sampled"], record["clients_available"], record["status"]) == (10, 10, "ok")
 
 
-def test_flowers_adaptive_clipping_steps_away_from_its_target():
-    """Why fl_app refuses privacy.dp=*_adaptive (docs/privacy.md). If this fails, a Flower
-    release has fixed its adaptive clipping, and the modes can be offered again."""
+@pytest.mark.xfail(strict=True, reason="Flower 1.42's adaptive clipping grows a norm nothing reaches")
+def test_flowers_adaptive_clipping_steps_towards_its_target():
+    """Why fl_app refuses privacy.dp=*_adaptive (docs/privacy.md). When this passes, a Flower
+    release has fixed its adaptive clipping (strict: the suite then fails), and the modes can
+    be offered again."""
     np.random.seed(0)  # Flower noises the clipped count from NumPy's global generator
     zeros, tiny = [np.zeros(4, np.float32)], [np.full(4, 0.01, np.float32)]
     wrapper = DifferentialPrivacyServerSideAdaptiveClipping(
@@ -101,8 +96,8 @@ def test_flowers_adaptive_clipping_steps_away_from_its_target():
     wrapper.configure_fit(1, ndarrays_to_parameters(zeros), connected(proxies))
     wrapper.aggregate_fit(1, [fit_result(p, tiny, 1) for p in proxies], [])
     # No update (norm 0.02) was clipped at 1.0. Andrew et al.'s rule at Flower's defaults
-    # (target quantile 0.5, rate 0.2) shrinks the norm by exp(-0.2 x 0.5) = 0.905; Flower's grows it.
-    assert wrapper.clipping_norm > 1.0
+    # (target quantile 0.5, rate 0.2) shrinks the norm by exp(-0.2 x 0.5) = 0.905.
+    assert wrapper.clipping_norm == pytest.approx(np.exp(-0.2 * 0.5), rel=0.05)
 
 
 PARTY = {"partition-id": 0, "num-partitions": 20}
@@ -231,10 +226,7 @@ def test_bad_privacy_settings_name_the_key(overrides, key, text):
     assert err.value.key == key and text in str(err.value)
 
 
-def history(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
+@pytest.mark.slow
 def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
     # 10 clients, all sampled: epsilon after rounds 1, 2, 3 is about 96, 166, 231 at z=0.2.
     # eval_every=3 would skip round 2, but the run's last model is evaluated all the same.
@@ -243,7 +235,7 @@ def test_dp_run_learns_logs_epsilon_and_stops_at_the_budget(tmp_path):
         "num_clients=10", "num_rounds=3", "fraction_evaluate=0", "eval_every=3", "privacy=central_dp",
         "privacy.noise_multiplier=0.2", "privacy.target_epsilon=200", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    rounds = history(run_dir)
+    rounds = read_history(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]  # a third round would pass epsilon 200
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 200
     assert rounds[1]["epsilon"] == pytest.approx(dp_accounting_epsilon([(10, 10)] * 2, 0.2), rel=1e-9)
@@ -260,72 +252,32 @@ SECAGG = ["num_clients=4", "min_fit_clients=3", "fraction_evaluate=0",
           "privacy.secagg_reconstruction_threshold=3"]
 
 
-def secagg_and_plain_runs(tmp_path, *overrides):
-    """The same federation with and without SecAgg+ (output dirs `plain` and `secagg`)."""
+@pytest.mark.slow
+def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_path):
+    # The same round with and without SecAgg+.
     plain, secure = tmp_path / "plain", tmp_path / "secagg"
     for run_dir, extra in ((plain, ["privacy=none"]), (secure, [])):
-        result = run_simulation_cli(*SECAGG, *extra, *overrides, f"output_dir={run_dir}",
+        result = run_simulation_cli(*SECAGG, *extra, "num_rounds=1", f"output_dir={run_dir}",
                                     f"hydra.run.dir={run_dir / 'logs'}")
         assert result.returncode == 0, result.stderr[-3000:]
-    return plain, secure
-
-
-def test_secagg_aggregate_equals_plain_fedavg_within_the_quantisation_error(tmp_path):
-    plain, secure = secagg_and_plain_runs(tmp_path, "num_rounds=1")
     cfg = compose_config(SECAGG).privacy
-    total = history(plain)[0]["train_examples"]
-    assert history(secure)[0]["train_examples"] == total and history(secure)[0]["status"] == "ok"
+    total = read_history(plain)[0]["train_examples"]
+    assert read_history(secure)[0]["train_examples"] == total and read_history(secure)[0]["status"] == "ok"
     # Each client sends w * weights, w = examples / max_weight, quantised in steps of
     # 2c / Q over [-c, c]: the weighted average is off by at most n * 2c * max_weight / (Q * total).
     bound = 4 * 2 * cfg.secagg_clipping_range * cfg.secagg_max_weight / (cfg.secagg_quantization_range * total)
     weights = [keras.models.load_model(d / "model.keras").get_weights() for d in (plain, secure)]
     worst = max(np.abs(a - b).max() for a, b in zip(*weights))
     assert 0 < worst <= bound + 1e-6, (worst, bound)  # 1e-6: float32 rounding of the weights
-    assert history(secure)[0]["test_accuracy"] == pytest.approx(history(plain)[0]["test_accuracy"], abs=0.005)
-
-    # Two more rounds of both (resumed): the accuracies still match.
-    secagg_and_plain_runs(tmp_path, "num_rounds=3", "resume=true")
-    final = [history(d)[-1] for d in (plain, secure)]
-    assert [r["round"] for r in final] == [3, 3] and final[1]["status"] == "ok"
-    assert final[0]["test_accuracy"] > history(plain)[0]["test_accuracy"]  # still learning
-    assert final[1]["test_accuracy"] == pytest.approx(final[0]["test_accuracy"], abs=0.01)
+    assert read_history(secure)[0]["test_accuracy"] == pytest.approx(read_history(plain)[0]["test_accuracy"], abs=0.005)
 
 
-FAILING_CLIENTS_RUN = '''
-import sys
-from fl_app.config import compose_config
-from fl_app.simulation import simulate
-
-failing, stage = {int(p) for p in sys.argv[1].split(",")}, sys.argv[2]
-
-
-def fail(message, context, call_next):
-    """The partitions `failing` raise at `stage`: a SecAgg+ stage, or "train" (plain training)."""
-    configs = message.content.config_records.get("secaggplus_configs", {})
-    if (context.node_config["partition-id"] in failing and message.metadata.message_type == "train"
-            and configs.get("stage", "train") == stage):
-        raise RuntimeError(f"partition {context.node_config['partition-id']} failed at {stage}")
-    return call_next(message, context)
-
-
-simulate(compose_config(sys.argv[3:]), client_mods=(fail,))
-'''
-
-
-def run_with_failing_clients(tmp_path, partitions, stage, *overrides):
-    """`simulate` (our engine, as run_simulation.py runs it) with the `partitions` failing at `stage`."""
-    script = tmp_path / "failing_clients_run.py"
-    script.write_text(FAILING_CLIENTS_RUN)
-    result = subprocess.run([sys.executable, str(script), ",".join(map(str, partitions)), stage, *overrides],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
+@pytest.mark.slow
 def test_secagg_round_completes_when_a_client_drops_out_mid_protocol(tmp_path):
     # Partition 0 vanishes after SecAgg+'s key exchange, before sending its masked update.
     out = tmp_path / "run"
-    run_with_failing_clients(tmp_path, [0], "collect_masked_vectors", *SECAGG, "num_rounds=1", f"output_dir={out}")
-    (record,) = history(out)
+    run_with_client_fault(tmp_path, [0], "collect_masked_vectors", *SECAGG, "num_rounds=1", f"output_dir={out}")
+    (record,) = read_history(out)
     # 4 shares, threshold 3: one dropout is tolerated, the other three are aggregated.
     assert (record["clients_succeeded"], record["status"]) == (3, "ok"), record
     assert record["test_accuracy"] > 0.8
@@ -338,7 +290,7 @@ def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(t
     out = tmp_path / "run"
     run = ["num_clients=4", "min_fit_clients=2", "fraction_evaluate=0", "dataset.val_fraction=0.8",
            "privacy=central_dp", "privacy.noise_multiplier=0.1", "privacy.clipping_norm=1.0", f"output_dir={out}"]
-    run_with_failing_clients(tmp_path, [0, 1], "train", *run, "num_rounds=1")
+    run_with_client_fault(tmp_path, [0, 1], "train", *run, "num_rounds=1")
     start = keras_model.initial_weights("seed_cnn", (28, 28, 1), seed=42)
     after = keras.models.load_model(out / "model.keras").get_weights()
     change = np.concatenate([(b - a).ravel() for a, b in zip(start, after)])
@@ -347,8 +299,8 @@ def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(t
     assert change.std() == pytest.approx(0.1 * 1.0 / 4, rel=0.01)
     assert abs(change.mean()) < 0.001
 
-    run_with_failing_clients(tmp_path, [0, 1], "train", *run, "num_rounds=2", "resume=true")
-    rounds = history(out)
+    run_with_client_fault(tmp_path, [0, 1], "train", *run, "num_rounds=2", "resume=true")
+    rounds = read_history(out)
     for record in rounds:
         assert (record["dp_clients_sampled"], record["dp_clients_aggregated"], record["dp_population"],
                 record["clients_failed"], record["status"]) == (4, 2, 4, 2, "ok"), record
@@ -356,13 +308,3 @@ def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(t
     # The resumed run recomposed round 1 from its record.
     assert [r["epsilon"] for r in rounds] == pytest.approx(
         [dp_accounting_epsilon([(4, 4)] * n, 0.1) for n in (1, 2)], rel=1e-9)
-
-
-def test_secagg_with_client_side_dp_learns_and_spends_epsilon(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_simulation_cli(*SECAGG, "num_rounds=1", "privacy=secagg_dp", "privacy.noise_multiplier=0.01",
-                                f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    (record,) = history(run_dir)
-    assert record["status"] == "ok" and record["epsilon"] > 0
-    assert record["test_accuracy"] > 0.3, record

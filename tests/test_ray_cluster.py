@@ -19,8 +19,7 @@ def ray_head():
          "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
         capture_output=True, text=True, timeout=120,
     )
-    if start.returncode != 0:
-        pytest.skip(f"Ray could not start a head node here: {start.stderr[-500:]}")
+    assert start.returncode == 0, f"Ray could not start a head node: {start.stderr[-500:]}"
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -31,6 +30,7 @@ def worker_logs(session: Path) -> set[Path]:
     return set((session / "logs").glob("python-core-worker-*.log"))
 
 
+@pytest.mark.slow
 def test_simulation_joins_a_running_ray_cluster(tmp_path, ray_head):
     session = RAY_SESSION.resolve()  # the head's session: a private Ray would start its own
     before = worker_logs(session)

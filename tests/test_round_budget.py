@@ -36,6 +36,7 @@ def test_budget_splits_each_workers_round_into_its_parts():
     assert cpu_per_second == pytest.approx((0.8 + 0.9 + 1.6) / (0.85 + 0.98 + 1.7))
 
 
+@pytest.mark.slow
 def test_client_mods_time_every_training_call_of_a_real_simulation(tmp_path):
     script = f"""
 from pathlib import Path

@@ -3,6 +3,7 @@ as each method defines it, and rejection of bad updates by every one of them."""
 
 import numpy as np
 import pytest
+from conftest import fit_result
 from flwr.app import Error
 from flwr.common import (
     Code,
@@ -46,11 +47,6 @@ def start_round(
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(arrays(0.0)), manager)
     assert len(instructions) == num_clients
     return strategy, proxies
-
-
-def fit_result(proxy, weights, num_examples, **metrics):
-    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), num_examples, metrics)
-    return proxy, res
 
 
 def test_aggregate_equals_numpy_weighted_mean():

@@ -22,6 +22,7 @@ def assert_plot(sweep_dir):
     assert (sweep_dir / "summary.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
     result = run_simulation_cli(
         "-m", *SMALL_RUN, "num_rounds=2", "target_accuracy=0.5,0.999", f"hydra.sweep.dir={tmp_path}"
@@ -49,6 +50,7 @@ def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
     assert_plot(tmp_path)
 
 
+@pytest.mark.slow
 def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(tmp_path):
     result = run_simulation_cli(
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL_RUN, "num_rounds=1",
@@ -103,6 +105,7 @@ def write_job(sweep_dir, num, overrides, status, target=None, accuracies=None):
     (job_dir / "metrics.json").write_text(json.dumps(history))
 
 
+@pytest.mark.slow
 def test_a_job_the_data_cannot_serve_fails_alone_and_the_sweep_goes_on(tmp_path):
     # No Dirichlet(0.0001) split gives all 20 clients 10 samples: known only once job 0 splits.
     result = run_simulation_cli("-m", *SMALL_RUN, "num_rounds=1", "partitioner=dirichlet",
