@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from fl_app.config import CONF_DIR, to_simulation_config
 from fl_app.config_schema import ConfigError
+from fl_app.console import quiet_console
 from fl_app.data import DatasetError
 
 log = logging.getLogger("run_simulation")
@@ -41,6 +42,8 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
+    if not app_cfg.verbose:
+        quiet_console()
     # Imported after validation: a bad config fails in a second, before Ray and TensorFlow.
     from fl_app.simulation import simulate
 

@@ -147,6 +147,7 @@ class AppConfig:
     target_accuracy: float | None
     round_timeout: float | None
     seed: int
+    verbose: bool
     output_dir: str | None
     resume: bool
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from fl_app import model as keras_model
 from fl_app.config import from_run_config, given_keys
 from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
+from fl_app.console import FILE_ONLY
 from fl_app.data import class_names, image_shape
 from fl_app.outputs import Checkpoint, RunOutputs
 from fl_app.partition import load_split, load_test_set
@@ -41,6 +42,8 @@ class RoundRecorder:
         self.budget = budget
         self.history = list(checkpoint.history)
         self.weights = checkpoint.weights
+        self.first_round = checkpoint.round + 1
+        self.started = time.monotonic()
 
     def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> bool:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
@@ -49,7 +52,12 @@ class RoundRecorder:
             record.update(self.budget.spend(record))
         self.history.append(record)
         self.weights = weights
-        log(INFO, "%s", progress_line(record, self.num_rounds))
+        elapsed = time.monotonic() - self.started
+        # The rounds after this process's first (which waits for the workers to start).
+        later = [r["round_seconds"] for r in self.history if r["round"] > self.first_round] or [seconds]
+        left = sum(later) / len(later) * (self.num_rounds - server_round)
+        log(INFO, "%s | %s elapsed, ~%s left", progress_line(record, self.num_rounds),
+            minutes(elapsed), minutes(left))
         # The checkpoint first: it decides whether a run exists to resume, and a resume
         # rewrites the metrics from its history.
         self.outputs.save_checkpoint(Checkpoint(server_round, weights, self.history,
@@ -64,6 +72,10 @@ class RoundRecorder:
         return reached or spent
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
 def progress_line(record: dict, num_rounds: int) -> str:
     def fmt(key: str) -> str:
         return f"{record[key]:.4f}" if key in record else "-"
@@ -75,6 +87,17 @@ def progress_line(record: dict, num_rounds: int) -> str:
         f"test loss {fmt('test_loss')} acc {fmt('test_accuracy')} | {record['round_seconds']:.1f} s"
         + (f" | epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
     )
+
+
+def run_header(cfg: AppConfig, num_params: int, shape: tuple[int, ...], output_dir: Path) -> str:
+    """What the run trains, on what, how and where its outputs go: the console's first lines."""
+    sampled = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
+    privacy = [name for name, on in (("SecAgg+", cfg.privacy.secagg),
+                                     (f"DP {cfg.privacy.dp}", cfg.privacy.dp != "none")) if on]
+    return (f"{cfg.model.name} ({num_params:,} parameters) on {cfg.dataset.name} "
+            f"({'x'.join(map(str, shape))}, {len(class_names(cfg.dataset.name))} classes) | "
+            f"{cfg.strategy.name}, {sampled} of {cfg.num_clients} clients a round, {cfg.num_rounds} rounds | "
+            f"privacy: {' + '.join(privacy) or 'none'}\nOutputs: {output_dir}")
 
 
 def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
@@ -106,6 +129,7 @@ def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
 
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
+    started = time.monotonic()
     output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
     outputs = RunOutputs(Path(output_dir).resolve())
     checkpoint = _start_or_resume(cfg, outputs)
@@ -116,7 +140,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     model = keras_model.build_model(cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss,
                                     cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
     summary = keras_model.summary_text(model)
-    log(INFO, "Global model:\n%s", summary)
+    log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
+    log(INFO, "%s", run_header(cfg, model.count_params(), x_test.shape[1:], outputs.dir))
     outputs.write_model_summary(summary)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
@@ -177,9 +202,10 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     final = recorder.history[-1] if recorder.history else {}
     log(
         INFO,
-        "Final test accuracy %s after %s rounds. Outputs in %s",
+        "Final test accuracy %s after %s rounds, %s in all. Outputs in %s",
         f"{final['test_accuracy']:.4f}" if "test_accuracy" in final else "n/a",
         len(recorder.history),
+        minutes(time.monotonic() - started),
         outputs.dir,
     )
 

@@ -39,11 +39,13 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
             "num_cpus": cfg.mode.num_cpus_per_client,
             "num_gpus": cfg.mode.num_gpus_per_client,
         },
+        # The workers' own output (TensorFlow's start-up in each) stays in Ray's logs.
+        "init_args": {"log_to_driver": cfg.verbose},
     }
     if cfg.mode.ray_address:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
         check_ray_head_answers(cfg.mode.ray_address)
-        backend_config["init_args"] = {"address": cfg.mode.ray_address}
+        backend_config["init_args"]["address"] = cfg.mode.ray_address
     wake_on_stored_messages()
     seed_node_ids(cfg.seed)
     engine_stopped.clear()

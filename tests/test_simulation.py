@@ -72,6 +72,15 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     assert "(Dense)" in summary and "(None, 128)" in summary and "Total params: 693,962" in summary
     assert summary.strip() in log
 
+    # The console: a header, the starting model, a line per round with the time left, the
+    # result; Flower's own lines, TensorFlow's start-up and the model's layers in the log only.
+    console = (result.stdout + result.stderr).splitlines()
+    assert len(console) == 2 + 1 + 3 + 1, console
+    assert "seed_cnn (693,962 parameters) on mnist (28x28x1, 10 classes)" in console[0]
+    assert "fedavg, 4 of 20 clients a round, 3 rounds | privacy: none" in console[0]
+    assert all(re.search(r"\[round \d/3\] .* elapsed, ~\d+:\d\d left$", line) for line in console[3:6]), console
+    assert "configure_fit" in log and "TensorFlow's start-up" in log
+
 
 @pytest.mark.slow
 def test_non_iid_run_with_another_strategy_stops_at_target_accuracy(tmp_path):
@@ -219,3 +228,12 @@ def test_a_client_sending_nan_updates_is_rejected_every_round(tmp_path):
     assert history[-1]["test_accuracy"] > 0.8  # the global model was never poisoned
     log = result.stdout + result.stderr
     assert "rejected update" in log and "NaN or Inf" in log
+
+
+@pytest.mark.slow
+def test_verbose_brings_flowers_lines_back_to_the_console(tmp_path):
+    result = run_simulation_cli("num_clients=2", "num_rounds=1", "fraction_evaluate=0", "verbose=true",
+                                f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert "configure_fit: strategy sampled 2 clients" in console and "Total params: 693,962" in console
