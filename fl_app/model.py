@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fl_app.library_patches import fuse_adam
+
 NUM_CLASSES = 10
 
 
@@ -125,7 +127,7 @@ def build_model(
         model = ProximalModel(model)
     keras_optimizer = OPTIMIZERS[optimizer](learning_rate=learning_rate)
     if isinstance(keras_optimizer, keras.optimizers.Adam):
-        _fuse_adam(keras_optimizer)
+        fuse_adam(keras_optimizer)  # one TensorFlow kernel a weight (fl_app.library_patches)
     model.compile(
         optimizer=keras_optimizer,
         loss=loss,
@@ -133,39 +135,6 @@ def build_model(
         steps_per_execution=steps_per_execution,
     )
     return model
-
-
-def _fuse_adam(optimizer: keras.optimizers.Adam) -> None:
-    """Run this Adam's update of each weight as TensorFlow's fused Adam kernel.
-
-    Keras' Adam updates a weight with about a dozen TensorFlow ops, each a pass over the
-    weight: for the seed CNN (693,962 weights) that was 1 ms a step, almost half of a
-    client's training at B=10 here. TensorFlow's `ResourceApplyAdam` does the same arithmetic
-    (Kingma and Ba's bias-corrected step, epsilon added to sqrt(v)) in one pass. Keras offers
-    no fused Adam, so the instance's step is replaced; it keeps Keras' class and state, so a
-    saved model loads anywhere. Only for the Adam that `build_model` makes: the kernel knows
-    nothing of Keras' weight decay, AMSGrad or gradient clipping, which fl_app never sets.
-    """
-
-    def update_step(gradient, variable, learning_rate):
-        slot = optimizer._get_variable_index(variable)
-        dtype = variable.dtype
-        step = tf.cast(optimizer.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(optimizer.beta_1, dtype), tf.cast(optimizer.beta_2, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle,
-            m=optimizer._momentums[slot].value.handle,
-            v=optimizer._velocities[slot].value.handle,
-            beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step),
-            lr=tf.cast(learning_rate, dtype),
-            beta1=beta_1,
-            beta2=beta_2,
-            epsilon=tf.cast(optimizer.epsilon, dtype),
-            grad=tf.cast(gradient, dtype),
-        )
-
-    optimizer.update_step = update_step
 
 
 def summary_text(model: keras.Model) -> str:

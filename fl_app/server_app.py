@@ -1,12 +1,12 @@
 """ServerApp: the configured (validated) strategy, centralised evaluation, the run's outputs.
 
 Built on Flower's legacy path (`LegacyContext` + a DefaultWorkflow-style loop) because
-that is where Flower's SecAgg+ workflow and DP strategy wrappers plug in.
+that is where Flower's SecAgg+ workflow plugs in.
 """
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -233,13 +233,14 @@ def federation_config(grid: Grid, run_config: Mapping[str, object]) -> AppConfig
     return dataclasses.replace(cfg, num_clients=len(nodes))
 
 
-def build_server_app(cfg: AppConfig | None = None) -> ServerApp:
+def build_server_app(cfg: AppConfig | None = None, wrap_grid: Callable[[Grid], Grid] | None = None) -> ServerApp:
     """A ServerApp for `cfg`, or (cfg=None, under `flwr run`) for the run config's, sized
-    to the federation."""
+    to the federation; `wrap_grid` wraps the grid it is given (the simulation's)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = wrap_grid(grid) if wrap_grid else grid
         run_server(grid, context, cfg or federation_config(grid, context.run_config))
 
     return server_app

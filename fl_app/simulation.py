@@ -1,25 +1,19 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray) in this process."""
 
-import random
 import socket
 import threading
 import time
-from functools import cache
 
 from flwr.clientapp.typing import Mod
-from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.linkstate import in_memory_linkstate
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.simulation import run_simulation
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fl_app.client_app import build_client_app
 from fl_app.config_schema import AppConfig, ConfigError
+from fl_app.library_patches import seed_node_ids, wake_on_stored_messages
 from fl_app.server_app import build_server_app
 
-# Set when Flower's simulation engine has ended. Flower's ServerApp thread waits for replies
-# with no end of its own, so when the engine crashes (e.g. no Ray node can host a client)
-# it would keep the process alive for ever; our send_and_receive stops on this instead.
+# Set when Flower's simulation engine has ended, e.g. crashed because no Ray node can host a
+# client: the ServerApp's waits for replies then stop (StoppableGrid).
 engine_stopped = threading.Event()
 
 
@@ -46,12 +40,12 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
         check_ray_head_answers(cfg.mode.ray_address)
         backend_config["init_args"]["address"] = cfg.mode.ray_address
-    wake_on_stored_messages()
+    replies = wake_on_stored_messages()
     seed_node_ids(cfg.seed)
     engine_stopped.clear()
     try:
         run_simulation(
-            server_app=build_server_app(cfg),
+            server_app=build_server_app(cfg, lambda grid: StoppableGrid(grid, engine_stopped, replies)),
             client_app=build_client_app(cfg, client_mods),
             num_supernodes=cfg.num_clients,
             backend_config=backend_config,
@@ -93,85 +87,34 @@ def _no_room_for_a_client(err: BaseException | None) -> bool:
     return False
 
 
-def seed_node_ids(seed: int) -> None:
-    """Draw the ids that Flower's in-memory state gives the simulated SuperNodes from `seed`.
+class StoppableGrid:
+    """The simulation's grid, whose waits for replies end when Flower's engine has stopped.
 
-    Flower draws them from `os.urandom`, with no seed to give it. The server samples
-    clients in order of id (fl_app/strategy.py: SeededSampling) and node i holds partition
-    i, so with random ids the same seed trained different partitions in each run. Flower
-    1.42 (pinned) draws them with `generate_rand_int_from_bytes`.
+    Flower's own `send_and_receive` waits with no end of its own, so a crashed engine would
+    keep the process alive for ever. This waits through the grid's public push and pull,
+    waking when `replies` is set (fl_app.library_patches: at every reply stored) and at
+    least every `pull_interval`, as Flower's does.
     """
-    rng = random.Random(seed)
 
-    def seeded_int(num_bytes: int, exclude: set[int] | None = None) -> int:
-        while (number := rng.getrandbits(8 * num_bytes)) in (exclude or ()):
-            pass
-        return number
+    def __init__(self, grid, stopped: threading.Event, replies: threading.Event) -> None:
+        self.grid = grid
+        self.stopped = stopped
+        self.replies = replies
 
-    in_memory_linkstate.generate_rand_int_from_bytes = seeded_int
-
-
-@cache  # once per process
-def wake_on_stored_messages() -> None:
-    """Let Flower's simulation engine act on a message as soon as it is stored.
-
-    Flower 1.42 (pinned in pyproject.toml) looks for work in fixed 0.1 s steps: its dispatcher
-    for messages to the clients (`vce_api.add_messages_to_queue`) and the ServerApp's grid
-    for their replies (`InMemoryGrid.send_and_receive`). Those two waits left each worker
-    idle 4-6 % of a 3 s round (benchmarks/round_budget.py, docs/benchmarks.md). Flower has
-    no hook to wake them (polling faster cost the driver CPU the workers lacked), so its
-    in-memory state now signals every message it stores and both loops wake on that signal,
-    still looking at least every 0.1 s as before. Written for Flower 1.42's own loops.
-
-    Flower's dispatcher also asked the state for every node's messages at each look, which
-    kept 0.6 of a core busy with 10,000 nodes; it now asks only for the nodes that a message
-    was stored for since.
-    """
-    to_clients, replies = threading.Event(), threading.Event()
-    addressed: set[int] = set()  # nodes with a message stored for them, maybe not yet dispatched
-    store_message_ins, store_message_res = InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res
-
-    def store_and_wake_dispatcher(state, message):
-        message_id = store_message_ins(state, message)
-        if message_id is not None:  # else refused as invalid
-            addressed.add(message.metadata.dst_node_id)
-            to_clients.set()
-        return message_id
-
-    def store_and_wake_grid(state, message):
-        message_id = store_message_res(state, message)
-        replies.set()
-        return message_id
-
-    InMemoryLinkState.store_message_ins = store_and_wake_dispatcher
-    InMemoryLinkState.store_message_res = store_and_wake_grid
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
-        while not f_stop.is_set():
-            to_clients.clear()  # before looking: a message stored meanwhile wakes the next wait
-            for node_id in addressed.copy():
-                addressed.discard(node_id)  # a message stored from now on adds it again
-                if node_id not in nodes_mapping:  # not a node of this simulation
-                    continue
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(message)
-                    addressed.add(node_id)  # one at a time, as Flower does: look again
-            to_clients.wait(0.1)
-
-    def send_and_receive(grid, messages, *, timeout=None):
-        waiting = set(grid.push_messages(messages))
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        waiting = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.time() + timeout
         received = []
         while waiting and (deadline is None or time.time() < deadline):
-            if engine_stopped.is_set():
+            if self.stopped.is_set():
                 raise EngineStopped("Flower's simulation engine has stopped; its error is above")
-            replies.clear()
-            for reply in grid.pull_messages(waiting):
+            self.replies.clear()
+            for reply in self.grid.pull_messages(waiting):
                 received.append(reply)
                 waiting.discard(reply.metadata.reply_to_message_id)
             if waiting:
-                replies.wait(grid.pull_interval)
+                self.replies.wait(self.grid.pull_interval)
         return received
 
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    InMemoryGrid.send_and_receive = send_and_receive
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)

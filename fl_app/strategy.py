@@ -81,6 +81,7 @@ def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExcep
 # Server-optimiser state that Flower's strategies keep in attributes and never save (FedAdam,
 # FedYogi, FedAdagrad: m_t, v_t; FedAvgM: momentum_vector): checkpointed by fl_app so that a
 # resumed run continues the same optimisation (FedAvgM with momentum cannot resume without it).
+# A reliance on Flower's internals: fl_app/library_patches.py, RELIANCES.
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+# Flower's per-round workflows and client-manager thread are not exported: a reliance on its
+# internals (fl_app/library_patches.py, RELIANCES).
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.compat.server.typing import Workflow
 from flwr.server import LegacyContext

@@ -1,9 +1,12 @@
-"""fl_app's changes to Flower's simulation engine (fl_app/simulation.py), on Flower's real
+"""fl_app's changes to Flower's simulation engine (fl_app/library_patches.py), on Flower's real
 in-memory state, grid and dispatcher. Both change Flower's classes for the whole process,
 as `simulate` does."""
 
 import queue
 import threading
+import time
+
+import pytest
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -18,7 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fl_app.simulation import seed_node_ids, wake_on_stored_messages
+from fl_app.library_patches import seed_node_ids, wake_on_stored_messages
+from fl_app.simulation import EngineStopped, StoppableGrid
 
 
 def in_memory_state() -> LinkStateFactory:
@@ -33,19 +37,37 @@ def test_simulated_node_ids_follow_the_seed():
     assert node_ids(3) == node_ids(3) != node_ids(4)
 
 
-def test_dispatcher_hands_out_stored_messages_asking_only_for_their_nodes():
-    wake_on_stored_messages()
+def simulated_grid(num_nodes: int):
+    """Flower's in-memory state with a run and `num_nodes` nodes, as its `run_simulation`
+    registers them, and the ServerApp's grid on it."""
     factory = in_memory_state()
     state = factory.state()
-    # The run and nodes as Flower's `run_simulation` registers them.
     run = Run.create_empty(run_id=7)
     run.federation_id, run.primary_task_id = NOOP_FEDERATION_ID, 1
     state.run_ids[run.run_id] = RunRecord(run=run)
     state.task_store[1] = Task(task_id=1, run_id=run.run_id)
-    nodes = vce_api._register_nodes(200, factory)
+    nodes = vce_api._register_nodes(num_nodes, factory)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run.run_id, 1, SUPERLINK_NODE_ID
     grid = InMemoryGrid(factory)
     grid.set_run(run)
+    return state, grid, nodes
+
+
+def test_the_servers_wait_for_replies_ends_when_the_engine_stops():
+    # Without the speed patch's wake-ups (a fresh event): the guard must not depend on them.
+    _, grid, nodes = simulated_grid(2)
+    stopped = threading.Event()
+    guarded = StoppableGrid(grid, stopped, threading.Event())
+    threading.Timer(0.3, stopped.set).start()
+    started = time.monotonic()
+    with pytest.raises(EngineStopped):  # no worker will ever answer this message
+        guarded.send_and_receive([Message(RecordDict(), dst_node_id=next(iter(nodes)), message_type="train")])
+    assert time.monotonic() - started < 5
+
+
+def test_dispatcher_hands_out_stored_messages_asking_only_for_their_nodes():
+    wake_on_stored_messages()
+    state, grid, nodes = simulated_grid(200)
 
     asked = []
     get_message_ins = state.get_message_ins
