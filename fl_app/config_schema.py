@@ -11,30 +11,41 @@ from dataclasses import dataclass, fields
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MODELS = ("seed_cnn", "mcmahan_cnn", "mcmahan_2nn")
-# Each partitioner / strategy, and the settings it takes (any other must stay unset).
+# Each partitioner and the settings it takes (any other must stay unset).
 PARTITIONERS = {
     "iid": (),
     "pathological": ("shards_per_client",),
     "dirichlet": ("alpha", "min_partition_size"),
     "quantity_skew": ("alpha", "min_partition_size"),
 }
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy of conf/strategy/: Flower's class (in flwr.server.strategy), the settings
+    it takes (its keyword arguments; any other must stay unset), and whether its worth is in
+    how it weighs single updates (robust), which central DP cannot give it."""
+
+    flower_class: str
+    settings: tuple[str, ...] = ()
+    robust: bool = False
+
+
+# Adding a strategy: a line here and its conf/strategy/<name>.yaml.
 STRATEGIES = {
-    "fedavg": (),
-    "fedavgm": ("server_learning_rate", "server_momentum"),
-    "fedprox": ("proximal_mu",),
-    "fedadam": ("eta", "beta_1", "beta_2", "tau"),
-    "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
-    "fedadagrad": ("eta", "tau"),
-    "fedmedian": (),
-    "fedtrimmedavg": ("beta",),
-    "krum": ("num_malicious_clients", "num_clients_to_keep"),
+    "fedavg": StrategySpec("FedAvg"),
+    "fedavgm": StrategySpec("FedAvgM", ("server_learning_rate", "server_momentum")),
+    "fedprox": StrategySpec("FedProx", ("proximal_mu",)),
+    "fedadam": StrategySpec("FedAdam", ("eta", "beta_1", "beta_2", "tau")),
+    "fedyogi": StrategySpec("FedYogi", ("eta", "beta_1", "beta_2", "tau")),
+    "fedadagrad": StrategySpec("FedAdagrad", ("eta", "tau")),
+    "fedmedian": StrategySpec("FedMedian", robust=True),
+    "fedtrimmedavg": StrategySpec("FedTrimmedAvg", ("beta",), robust=True),
+    "krum": StrategySpec("Krum", ("num_malicious_clients", "num_clients_to_keep"), robust=True),
 }
 MODES = ("simulation", "deployment")
 SIMULATION_ONLY = ("num_gpus_per_client", "ray_address")  # mode settings of the Ray engine
 CENTRAL_DP = ("server_fixed", "client_fixed")  # noise on the sum
-# Strategies whose worth is in how they weigh single updates; under central DP they get
-# only the noised average.
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 DP_MODES = ("none", *CENTRAL_DP, "local")
 # Flower 1.42's adaptive clipping wrappers, refused with the reason (docs/privacy.md).
 ADAPTIVE_DP = ("server_adaptive", "client_adaptive")
@@ -205,7 +216,7 @@ def _in_range(key: str, value: float | None, low: float, high: float, closed: st
 
 def _check_settings(cfg: AppConfig) -> None:
     _settings_match("partitioner", cfg.partitioner, PARTITIONERS)
-    _settings_match("strategy", cfg.strategy, STRATEGIES)
+    _settings_match("strategy", cfg.strategy, {name: spec.settings for name, spec in STRATEGIES.items()})
     inf = float("inf")
     part, strat = cfg.partitioner, cfg.strategy
     _in_range("partitioner.alpha", part.alpha, 0, inf, "()")
@@ -248,8 +259,8 @@ def _check_privacy(cfg: AppConfig) -> None:
     _in_range("privacy.delta", privacy.delta, 0, 1, "()")
     _in_range("privacy.target_epsilon", privacy.target_epsilon, 0, inf, "()")
     _in_range("privacy.local_epsilon", privacy.local_epsilon, 0, inf, "()")
-    if privacy.dp in CENTRAL_DP and cfg.strategy.name in ROBUST_STRATEGIES:
-        averaging = ", ".join(name for name in STRATEGIES if name not in ROBUST_STRATEGIES)
+    if privacy.dp in CENTRAL_DP and STRATEGIES[cfg.strategy.name].robust:
+        averaging = ", ".join(name for name, spec in STRATEGIES.items() if not spec.robust)
         raise ConfigError("strategy.name", f"got {cfg.strategy.name}, which weighs single updates, but central DP "
                           f"gives the strategy only their noised average; use one of {averaging}")
     if privacy.target_epsilon is not None and privacy.dp not in CENTRAL_DP:

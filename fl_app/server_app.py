@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
+import keras
 import numpy as np
 from flwr.common import Context, NDArrays, Scalar, log
 from flwr.server import LegacyContext, ServerConfig
@@ -127,35 +128,33 @@ def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
     outputs.plot_partitions(counts, title=f"{cfg.partitioner.name} partitions of {cfg.dataset.name}")
 
 
-def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
-    """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
-    started = time.monotonic()
+def open_outputs(cfg: AppConfig) -> tuple[RunOutputs, Checkpoint]:
+    """The run's output directory, with its config (and, in simulation, the clients' data)
+    recorded, and the checkpoint to continue from."""
     output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
     outputs = RunOutputs(Path(output_dir).resolve())
     checkpoint = _start_or_resume(cfg, outputs)
-    x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
     outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.mode.name == "simulation":  # in deployment only the partners know their data
         record_partitions(cfg, outputs)
-    model = keras_model.build_model(cfg.model.name, x_test.shape[1:], cfg.optimizer, cfg.loss,
+    return outputs, checkpoint
+
+
+def global_model(cfg: AppConfig, input_shape: tuple[int, ...], outputs: RunOutputs) -> keras.Model:
+    """The server's copy of the model (it evaluates and saves the global weights), described
+    in the log, model_summary.txt and the console's header."""
+    model = keras_model.build_model(cfg.model.name, input_shape, cfg.optimizer, cfg.loss,
                                     cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
-    log(INFO, "%s", run_header(cfg, model.count_params(), x_test.shape[1:], outputs.dir))
+    log(INFO, "%s", run_header(cfg, model.count_params(), input_shape, outputs.dir))
     outputs.write_model_summary(summary)
+    return model
 
-    def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
-        model.set_weights(weights)
-        loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
-        return loss, {"accuracy": accuracy}
 
-    # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
-    # now (in simulation while Ray starts) also warms TensorFlow up for the evaluation: the
-    # first round that evaluated paid 0.6 s for it, 4x a later evaluation.
-    loss, metrics = evaluate_fn(checkpoint.round, checkpoint.weights, {})
-    log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
-        checkpoint.round, loss, metrics["accuracy"])
-
+def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn) -> ValidatedStrategy:
+    """The configured Flower strategy, validated, under the configured privacy, continuing
+    from `checkpoint`."""
     strategy = build_strategy(
         cfg.strategy.name,
         own_settings(cfg.strategy),
@@ -180,25 +179,59 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         },
     )
     strategy.restore_optimizer_state(checkpoint.optimizer_state)
-    budget, num_rounds = None, cfg.num_rounds
-    if cfg.privacy.dp in CENTRAL_DP:
-        budget = PrivacyBudget(cfg.privacy, checkpoint.history)
-        # Planned as Flower's strategies sample: fraction_fit of the federation, at least min_fit_clients.
-        planned = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
-        num_rounds = budget.last_round(checkpoint.round, cfg.num_rounds, planned, cfg.num_clients)
+    return strategy
+
+
+def privacy_plan(cfg: AppConfig, checkpoint: Checkpoint) -> tuple[PrivacyBudget | None, int]:
+    """Under central DP, the budget spent so far and the last round it allows; else none
+    and the configured rounds."""
+    if cfg.privacy.dp not in CENTRAL_DP:
+        return None, cfg.num_rounds
+    budget = PrivacyBudget(cfg.privacy, checkpoint.history)
+    # Planned as Flower's strategies sample: fraction_fit of the federation, at least min_fit_clients.
+    planned = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
+    return budget, budget.last_round(checkpoint.round, cfg.num_rounds, planned, cfg.num_clients)
+
+
+def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs, x_test: np.ndarray,
+                     y_test: np.ndarray, cfg: AppConfig) -> None:
+    """model.keras, and pictures of what it predicts on the test set."""
+    model.set_weights(weights)
+    model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
+    model.save(outputs.model)
+    predicted = model.predict(x_test, batch_size=cfg.eval_batch_size, verbose=0).argmax(axis=1)
+    names = class_names(cfg.dataset.name)
+    outputs.plot_confusion_matrix(y_test, predicted, names)
+    outputs.plot_predictions(x_test, y_test, predicted, names)
+
+
+def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
+    """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
+    started = time.monotonic()
+    outputs, checkpoint = open_outputs(cfg)
+    x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
+    model = global_model(cfg, x_test.shape[1:], outputs)
+
+    def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
+        model.set_weights(weights)
+        loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
+        return loss, {"accuracy": accuracy}
+
+    # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
+    # now (in simulation while Ray starts) also warms TensorFlow up for the rounds' evaluations.
+    loss, metrics = evaluate_fn(checkpoint.round, checkpoint.weights, {})
+    log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
+        checkpoint.round, loss, metrics["accuracy"])
+
+    strategy = server_strategy(cfg, checkpoint, evaluate_fn)
+    budget, num_rounds = privacy_plan(cfg, checkpoint)
     recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
                                  evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy))
 
-    model.set_weights(recorder.weights)
-    model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
-    model.save(outputs.model)
     outputs.plot_metrics(recorder.history)
-    predicted = model.predict(x_test, batch_size=cfg.eval_batch_size, verbose=0).argmax(axis=1)
-    names = class_names(cfg.dataset.name)
-    outputs.plot_confusion_matrix(y_test, predicted, names)
-    outputs.plot_predictions(x_test, y_test, predicted, names)
+    save_final_model(model, recorder.weights, outputs, x_test, y_test, cfg)
     final = recorder.history[-1] if recorder.history else {}
     log(
         INFO,

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from logging import INFO, WARNING
 
+import flwr.server.strategy
 import numpy as np
 from flwr.common import (
     EvaluateIns,
@@ -28,18 +29,9 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
-from flwr.server.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    Strategy,
-)
+from flwr.server.strategy import Strategy
+
+from fl_app.config_schema import STRATEGIES
 
 # Metrics a client reports that identify or count it rather than measure it: never averaged.
 ID_METRICS = ("partition_id", "num_examples")
@@ -85,20 +77,6 @@ def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExcep
 OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
-# conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
-STRATEGIES: dict[str, type[FedAvg]] = {
-    "fedavg": FedAvg,
-    "fedavgm": FedAvgM,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-}
-
-
 def build_strategy(
     name: str,
     settings: dict[str, Scalar],
@@ -119,7 +97,9 @@ def build_strategy(
     """
     common.setdefault("fit_metrics_aggregation_fn", weighted_average)
     common.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
-    strategy = STRATEGIES[name](
+    # conf/strategy/<name>.yaml -> Flower's class; the yaml's settings are its keyword arguments.
+    flower_class = getattr(flwr.server.strategy, STRATEGIES[name].flower_class)
+    strategy = flower_class(
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
     return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation,

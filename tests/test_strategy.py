@@ -18,8 +18,9 @@ from flwr.server import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fl_app.outputs import Checkpoint, RunOutputs
+from fl_app.config import CONF_DIR, compose_config
+from fl_app.config_schema import STRATEGIES, own_settings
 from fl_app.strategy import (
-    STRATEGIES,
     ValidatedStrategy,
     build_strategy,
     update_problem,
@@ -136,21 +137,14 @@ def test_weighted_average_skips_identity_metrics():
 
 
 # Each strategy with the settings of its conf/strategy/<name>.yaml.
-SETTINGS = {
-    "fedavg": {},
-    "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.9},
-    "fedprox": {"proximal_mu": 0.01},
-    "fedadam": {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
-    "fedyogi": {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
-    "fedadagrad": {"eta": 0.01, "tau": 0.001},
-    "fedmedian": {},
-    "fedtrimmedavg": {"beta": 0.2},
-    "krum": {"num_malicious_clients": 0, "num_clients_to_keep": 0},
-}
+SETTINGS = {name: own_settings(compose_config([f"strategy={name}"]).strategy) for name in STRATEGIES}
 
 
-def test_every_configurable_strategy_is_covered_here():
-    assert set(SETTINGS) == set(STRATEGIES)
+def test_every_strategy_has_its_conf_file_and_flower_class():
+    assert set(STRATEGIES) == {path.stem for path in (CONF_DIR / "strategy").glob("*.yaml")}
+    assert SETTINGS["fedavgm"] == {"server_learning_rate": 0.1, "server_momentum": 0.9}
+    for name in STRATEGIES:
+        assert build_strategy(name, SETTINGS[name], arrays(0.0)).optimizer.__class__.__name__ == STRATEGIES[name].flower_class
 
 
 def five_updates(rng):
