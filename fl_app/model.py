@@ -162,8 +162,7 @@ def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, se
     """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch.
 
     One stream rather than one Keras epoch per local epoch: Keras' per-epoch work (a new
-    iterator, callbacks, a metrics read-back) cost a client of 540 images and 5 epochs
-    about 5 % of its training. Keras turns NumPy arrays into a tf.data pipeline of its
+    iterator, callbacks, a metrics read-back) is paid once (docs/benchmarks.md). Keras turns NumPy arrays into a tf.data pipeline of its
     own with autotune on, which left some fits idle for seconds here; so autotune is off.
     """
     options = tf.data.Options()
@@ -208,7 +207,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) 
 
     Batch by batch through Keras' `test_on_batch`, averaged by batch size as `evaluate`
     does: `evaluate` builds an input pipeline at every call, which made up almost half of
-    a client's evaluation of 600 images (0.044 s a call, 0.024 s this way).
+    a client's evaluation (docs/benchmarks.md).
     """
     if not len(x):
         raise ValueError("nothing to evaluate on: no images given")

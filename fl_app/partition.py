@@ -31,7 +31,7 @@ def iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
     """Equal-sized (to within one sample), disjoint, seeded random partitions.
 
     Written here because flwr-datasets' IidPartitioner goes through a Hugging Face
-    Dataset, about 10 ms per partition: minutes for the 10,000 clients we simulate.
+    Dataset for every partition: minutes for 10,000 clients (docs/benchmarks.md).
     """
     order = np.random.default_rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(order, num_partitions)]
@@ -114,7 +114,7 @@ class Split:
                     f"{len(self.labels)} samples into {self.num_partitions} clients with them: {err}",
                 ) from None
         # `[:]` takes the column in one slice; `part["row"]` is a lazy column that
-        # numpy would read row by row (0.3 s for 3,000 rows, 0.03 s this way).
+        # numpy would read row by row, ten times slower (docs/benchmarks.md).
         return np.sort(part.with_format("numpy")[:]["row"])
 
     def label_counts(self) -> np.ndarray:
@@ -130,7 +130,7 @@ class ClientData:
 
     The images of each part are gathered and scaled for the model when first read: a
     client call reads one part (a fit the training rows, an evaluation the held-out ones),
-    and scaling both had cost an evaluation call 0.011 of its 0.055 s.
+    and scaling both had cost an evaluation call a fifth of its time (docs/benchmarks.md).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, train_rows: np.ndarray,

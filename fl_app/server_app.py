@@ -129,15 +129,18 @@ def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
 
 
 def open_outputs(cfg: AppConfig) -> tuple[RunOutputs, Checkpoint]:
-    """The run's output directory, with its config (and, in simulation, the clients' data)
-    recorded, and the checkpoint to continue from."""
+    """The run's output directory and the checkpoint to continue from."""
     output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
     outputs = RunOutputs(Path(output_dir).resolve())
-    checkpoint = _start_or_resume(cfg, outputs)
+    return outputs, _start_or_resume(cfg, outputs)
+
+
+def record_run(cfg: AppConfig, outputs: RunOutputs) -> None:
+    """config.yaml, and in simulation what each client holds (in deployment only the
+    partners know their data)."""
     outputs.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if cfg.mode.name == "simulation":  # in deployment only the partners know their data
+    if cfg.mode.name == "simulation":
         record_partitions(cfg, outputs)
-    return outputs, checkpoint
 
 
 def global_model(cfg: AppConfig, input_shape: tuple[int, ...], outputs: RunOutputs) -> keras.Model:
@@ -209,7 +212,9 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
     started = time.monotonic()
     outputs, checkpoint = open_outputs(cfg)
+    # The data first: a missing or corrupt file stops the run before anything is written.
     x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
+    record_run(cfg, outputs)
     model = global_model(cfg, x_test.shape[1:], outputs)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):

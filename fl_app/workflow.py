@@ -89,7 +89,7 @@ class ResumableWorkflow:
                 self.fit_workflow(grid, context)
                 if server_round % self.evaluate_every == 0 or server_round == context.config.num_rounds:
                     # Both evaluations read the same new global model. The server evaluates while
-                    # the clients do: alone, its test-set pass (0.3 s for MNIST) left them idle.
+                    # the clients do: alone, its test-set pass left them idle (docs/benchmarks.md).
                     evaluated = central.submit(default_centralized_evaluation_workflow, grid, context)
                     self.evaluate_workflow(grid, context)
                     evaluated.result()
