@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -72,8 +73,10 @@ def from_run_config(run_config: Mapping[str, object]) -> AppConfig:
 
 
 def given_keys(run_config: Mapping[str, object]) -> set[str]:
-    """The config keys that a `flwr run`'s overrides set (`num_clients=3` -> num_clients)."""
-    return {item.split("=", 1)[0].lstrip("+~") for item in shlex.split(str(run_config.get(OVERRIDES_KEY, "")))}
+    """The config keys that a `flwr run`'s overrides set (`num_clients=3` -> num_clients),
+    as Hydra's own parser reads them."""
+    overrides = shlex.split(str(run_config.get(OVERRIDES_KEY, "")))
+    return {override.key_or_group for override in OverridesParser.create().parse_overrides(overrides)}
 
 
 @lru_cache(maxsize=4)

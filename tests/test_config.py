@@ -7,7 +7,7 @@ from conftest import run_simulation_cli
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_app.config import compose_config, from_run_config
+from fl_app.config import compose_config, from_run_config, given_keys
 from fl_app.config_schema import ConfigError
 
 
@@ -127,3 +127,9 @@ def test_cli_help_lists_groups_and_keys():
     for text in ("dataset: cifar10, fashion_mnist, mnist", "strategy: fedadagrad, fedadam",
                  "partitioner: dirichlet, iid, pathological, quantity_skew", "num_clients", "fraction_fit", "resume"):
         assert text in result.stdout, text
+
+
+def test_the_keys_a_flwr_run_overrides():
+    overrides = {"overrides": "num_clients=10 +privacy.extra=1 ~seed 'output_dir=/runs/a b'"}
+    assert given_keys(overrides) == {"num_clients", "privacy.extra", "seed", "output_dir"}
+    assert given_keys({}) == set()
