@@ -90,9 +90,8 @@ def progress_line(record: dict, num_rounds: int) -> str:
     )
 
 
-def run_header(cfg: AppConfig, num_params: int, shape: tuple[int, ...], output_dir: Path) -> str:
+def run_header(cfg: AppConfig, num_params: int, shape: tuple[int, ...], sampled: int, output_dir: Path) -> str:
     """What the run trains, on what, how and where its outputs go: the console's first lines."""
-    sampled = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
     privacy = [name for name, on in (("SecAgg+", cfg.privacy.secagg),
                                      (f"DP {cfg.privacy.dp}", cfg.privacy.dp != "none")) if on]
     return (f"{cfg.model.name} ({num_params:,} parameters) on {cfg.dataset.name} "
@@ -145,12 +144,11 @@ def record_run(cfg: AppConfig, outputs: RunOutputs) -> None:
 
 def global_model(cfg: AppConfig, input_shape: tuple[int, ...], outputs: RunOutputs) -> keras.Model:
     """The server's copy of the model (it evaluates and saves the global weights), described
-    in the log, model_summary.txt and the console's header."""
+    in the log and model_summary.txt."""
     model = keras_model.build_model(cfg.model.name, input_shape, cfg.optimizer, cfg.loss,
                                     cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
-    log(INFO, "%s", run_header(cfg, model.count_params(), input_shape, outputs.dir))
     outputs.write_model_summary(summary)
     return model
 
@@ -185,15 +183,13 @@ def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn) -> Vali
     return strategy
 
 
-def privacy_plan(cfg: AppConfig, checkpoint: Checkpoint) -> tuple[PrivacyBudget | None, int]:
-    """Under central DP, the budget spent so far and the last round it allows; else none
-    and the configured rounds."""
+def privacy_plan(cfg: AppConfig, checkpoint: Checkpoint, sampled: int) -> tuple[PrivacyBudget | None, int]:
+    """Under central DP, the budget spent so far and the last round it allows when each
+    round samples `sampled` of `num_clients`; else none and the configured rounds."""
     if cfg.privacy.dp not in CENTRAL_DP:
         return None, cfg.num_rounds
     budget = PrivacyBudget(cfg.privacy, checkpoint.history)
-    # Planned as Flower's strategies sample: fraction_fit of the federation, at least min_fit_clients.
-    planned = max(int(cfg.num_clients * cfg.fraction_fit), cfg.min_fit_clients)
-    return budget, budget.last_round(checkpoint.round, cfg.num_rounds, planned, cfg.num_clients)
+    return budget, budget.last_round(checkpoint.round, cfg.num_rounds, sampled, cfg.num_clients)
 
 
 def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs, x_test: np.ndarray,
@@ -222,14 +218,17 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
         loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
         return loss, {"accuracy": accuracy}
 
+    strategy = server_strategy(cfg, checkpoint, evaluate_fn)
+    # Clients a round when all of num_clients are connected, as the strategy itself counts them.
+    sampled, _ = strategy.optimizer.num_fit_clients(cfg.num_clients)
+    log(INFO, "%s", run_header(cfg, model.count_params(), x_test.shape[1:], sampled, outputs.dir))
     # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
     # now (in simulation while Ray starts) also warms TensorFlow up for the rounds' evaluations.
     loss, metrics = evaluate_fn(checkpoint.round, checkpoint.weights, {})
     log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
         checkpoint.round, loss, metrics["accuracy"])
 
-    strategy = server_strategy(cfg, checkpoint, evaluate_fn)
-    budget, num_rounds = privacy_plan(cfg, checkpoint)
+    budget, num_rounds = privacy_plan(cfg, checkpoint, sampled)
     recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
                                  evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
