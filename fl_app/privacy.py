@@ -162,7 +162,12 @@ class PrivacyBudget:
         self._compose(self.accountant, sampled, population)
         return {"dp_clients_sampled": sampled, "dp_clients_aggregated": record.get("dp_clients_aggregated", 0),
                 "dp_population": population, "dp_noise_std": record.get("dp_noise_std", 0.0),
-                "epsilon": self.accountant.get_epsilon(self.delta)}
+                "epsilon": self.epsilon}
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent by the rounds composed so far."""
+        return self.accountant.get_epsilon(self.delta)
 
     def epsilon_after(self, rounds: int, sampled: int, population: int) -> float:
         """ε after `rounds` more rounds, each sampling `sampled` of `population` clients."""

@@ -179,7 +179,7 @@ def test_epsilon_is_composed_from_what_each_round_did():
     assert (spent[3]["dp_clients_aggregated"], spent[3]["dp_noise_std"]) == (0, 0.0)
     assert spent[3]["epsilon"] == pytest.approx(dp_accounting_epsilon([(10, 100), (7, 50), (7, 50)], 1.0), rel=1e-9)
     # A resumed run recomposes the rounds of its history.
-    assert PrivacyBudget(privacy, spent).epsilon_after(0, 0, 1) == pytest.approx(spent[3]["epsilon"], rel=1e-9)
+    assert PrivacyBudget(privacy, spent).epsilon == pytest.approx(spent[3]["epsilon"], rel=1e-9)
 
 
 def test_the_budget_sets_the_last_round_before_the_run_starts():
