@@ -162,8 +162,9 @@ def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, se
     """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch.
 
     One stream rather than one Keras epoch per local epoch: Keras' per-epoch work (a new
-    iterator, callbacks, a metrics read-back) is paid once (docs/benchmarks.md). Keras turns NumPy arrays into a tf.data pipeline of its
-    own with autotune on, which left some fits idle for seconds here; so autotune is off.
+    iterator, callbacks, a metrics read-back) is paid once (docs/benchmarks.md). Keras turns
+    NumPy arrays into a tf.data pipeline of its own with autotune on, which left some fits
+    idle for seconds here; so autotune is off.
     """
     options = tf.data.Options()
     options.autotune.enabled = False

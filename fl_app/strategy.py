@@ -112,7 +112,7 @@ class SeededSampling:
     Flower's `SimpleClientManager.sample` draws with Python's unseeded global generator
     from its clients in the order they connected, so the same seed sampled different
     clients in every run. This draws from the clients in order of id (a simulation's node
-    ids are seeded: fl_app/simulation.py) with `rng`, and otherwise waits, filters and
+    ids are seeded: fl_app/library_patches.py) with `rng`, and otherwise waits, filters and
     fails as Flower's does. `population`: how many clients the last draw was made from,
     which differential privacy's accounting needs.
     """

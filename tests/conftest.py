@@ -85,9 +85,10 @@ simulate(compose_config(sys.argv[3:]), client_mods=(fault_mod,))
 '''
 
 
-def run_with_client_fault(tmp_path: Path, partitions: list[int], fault: str, *overrides: str) -> None:
+def run_with_client_fault(tmp_path: Path, partitions: list[int], fault: str,
+                          *overrides: str) -> subprocess.CompletedProcess:
     """A simulation on fl_app's engine (`simulate`, as run_simulation.py runs it) in which the
-    clients of `partitions` fail as `fault` says (CLIENT_FAULT_RUN)."""
+    clients of `partitions` fail as `fault` says (CLIENT_FAULT_RUN); its output captured."""
     script = tmp_path / "client_fault_run.py"
     script.write_text(CLIENT_FAULT_RUN)
     result = subprocess.run([sys.executable, str(script), ",".join(map(str, partitions)), fault, *overrides],
