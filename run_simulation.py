@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.output_dir is None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
-        app_cfg = to_simulation_config(cfg)
-    except ConfigError as err:
+        app_cfg = to_simulation_config(cfg, HydraConfig.get().overrides.task)
+    except (ConfigError, DatasetError) as err:
         log.error("%s", err)
         sys.exit(2)
     if not app_cfg.verbose:

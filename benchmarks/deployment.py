@@ -124,7 +124,7 @@ imported = time.perf_counter()
 cfg = compose_config(["mode=deployment"])
 data = load_node_data({"partition-id": 0, "num-partitions": 20}, cfg)
 loaded = time.perf_counter()
-net = model.build_model(cfg.model.name, (28, 28, 1), cfg.optimizer, cfg.loss, 1e-3,
+net = model.build_model(cfg.model.name, (28, 28, 1), 10, cfg.optimizer, cfg.loss, 1e-3,
                         steps_per_execution=cfg.steps_per_execution)  # as each worker does
 built = time.perf_counter()
 model.train(net, data.x_train, data.y_train, epochs=1, batch_size=32, learning_rate=0.002, seed=0)

@@ -26,12 +26,14 @@ def _train(data_dir: str, batch_size: int, threads: int, steps_per_execution: in
     # As Ray does for its workers: oneDNN's OpenMP pool would otherwise take every core.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from fl_app import model as keras_model
+    from fl_app.config_schema import DatasetConfig
     from fl_app.partition import load_client_data
+    from fl_app.task import task_of
 
     keras_model.limit_threads(threads)
-    data = load_client_data("mnist", data_dir, "iid", 0, 3, 0.0, 0)
+    data = load_client_data(task_of(DatasetConfig("mnist", data_dir, 0.0)), "iid", 0, 3, 0.0, 0)
     x, y = data.x_train[:TRAIN_SAMPLES], data.y_train[:TRAIN_SAMPLES]
-    model = keras_model.build_model("seed_cnn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 1e-3,
+    model = keras_model.build_model("seed_cnn", (28, 28, 1), 10, "adam", "sparse_categorical_crossentropy", 1e-3,
                                     steps_per_execution=steps_per_execution)
 
     def seconds_to_train(images: int) -> float:

@@ -53,7 +53,7 @@ def make_apps(args) -> tuple[ServerApp, ClientApp, dict]:
             int(context.node_config["partition-id"])
         ]
         split = int(len(part) * 0.9)
-        model = build_model("seed_cnn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 0.002)
+        model = build_model("seed_cnn", (28, 28, 1), 10, "adam", "sparse_categorical_crossentropy", 0.002)
         return QuickstartClient(
             model, scale_images(x[part[:split]]), y[part[:split]],
             scale_images(x[part[split:]]), y[part[split:]], args.epochs, args.batch_size,

@@ -21,7 +21,8 @@ from flwr.common.config import parse_config_args
 from fl_app.client_app import load_node_data
 from fl_app.config import compose_config
 from fl_app.config_schema import ConfigError
-from fl_app.data import DatasetError, class_names
+from fl_app.data import DatasetError
+from fl_app.task import task_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overrides", default="",
         help="the run's Hydra overrides as the coordinator announces them, e.g. "
-        "'dataset=mnist dataset.val_fraction=0.1'",
+        "'dataset=mnist dataset.val_fraction=0.1' or 'mode=deployment dataset=image_folder "
+        "dataset.classes=[benign,malignant] dataset.image_size=[64,64]'",
     )
     args = parser.parse_args(argv)
     try:
@@ -43,11 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DatasetError, ClickException) as err:  # Click's: a malformed --node-config
         print(f"check_node: {getattr(err, 'message', err)}", file=sys.stderr)
         sys.exit(1)
-    names = class_names(cfg.dataset.name)
-    counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(names))
-    print(f"OK: {len(data.y_train)} training and {len(data.y_val)} held-out images of "
-          f"{cfg.dataset.name}'s classes, shape {data.x_train.shape[1:]}")
-    print("per class: " + ", ".join(f"{name} {count}" for name, count in zip(names, counts)))
+    task = task_of(cfg.dataset)
+    counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(task.classes))
+    print(f"OK: {len(data.y_train)} training and {len(data.y_val)} held-out images of the "
+          f"{cfg.dataset.name} task's {len(task.classes)} classes, each converted to "
+          f"{'x'.join(map(str, task.image_shape))}")
+    print("per class: " + ", ".join(f"{name} {count}" for name, count in zip(task.classes, counts)))
 
 
 if __name__ == "__main__":

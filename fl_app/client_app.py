@@ -22,17 +22,22 @@ from flwr.common import Context, Message, NDArrays, Scalar
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
 from fl_app.config_schema import CENTRAL_DP, AppConfig, PrivacyConfig, own_settings
-from fl_app.data import DatasetError, image_shape
+from fl_app.data import DatasetError
 from fl_app.partition import ClientData, load_client_data, load_own_images
+from fl_app.task import task_of
 
 
 class KerasClient(NumPyClient):
-    """One party: trains on its local split, evaluates on its held-out split."""
+    """One party: trains on its local split, evaluates on its held-out split.
 
-    def __init__(self, model: keras.Model, data: ClientData, partition_id: int | None,
+    `name` says which party it is in the server's per-party table (clients.csv).
+    """
+
+    def __init__(self, model: keras.Model, data: ClientData, name: str, partition_id: int | None,
                  cfg: AppConfig):
         self.model = model
         self.data = data
+        self.name = name
         self.partition_id = partition_id
         self.cfg = cfg
 
@@ -70,30 +75,36 @@ class KerasClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         self.model.set_weights(parameters)
-        loss, accuracy = keras_model.evaluate(
-            self.model, self.data.x_val, self.data.y_val, self.cfg.eval_batch_size
-        )
-        return loss, len(self.data.x_val), {"accuracy": accuracy}
+        result = keras_model.evaluate(self.model, self.data.x_val, self.data.y_val, self.cfg.eval_batch_size)
+        confusion = keras_model.confusion_counts(self.data.y_val, result.predicted, self.model.output_shape[-1])
+        # The counts let the server compute per-class figures without seeing an image.
+        return result.loss, len(self.data.x_val), {
+            "accuracy": result.accuracy,
+            "client": self.name,
+            "train_examples": len(self.data.x_train),
+            "confusion_matrix": confusion.astype("<i8").tobytes(),
+        }
 
 
 @lru_cache(maxsize=1)
-def _worker_model(name: str, input_shape: tuple[int, int, int], optimizer: str, loss: str,
-                  num_threads: int, proximal: bool, steps_per_execution: int) -> keras.Model:
+def _worker_model(name: str, input_shape: tuple[int, int, int], num_classes: int, optimizer: str,
+                  loss: str, num_threads: int, proximal: bool, steps_per_execution: int) -> keras.Model:
     """One compiled model per worker process, reused by every client it serves.
 
     Its learning rate is set at every fit from the server's fit config.
     """
     keras_model.limit_threads(num_threads)
-    return keras_model.build_model(name, input_shape, optimizer, loss, 1e-3, proximal, steps_per_execution)
+    return keras_model.build_model(name, input_shape, num_classes, optimizer, loss, 1e-3, proximal,
+                                   steps_per_execution)
 
 
 def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData:
     """The node's local data: its own image folder (node config `image-dir`, deployment)
-    or one partition of the configured dataset (`partition-id`, `num-partitions`)."""
+    or party `partition-id` of `num-partitions` of the task (a partition of its pooled
+    training set, or a party folder of `dataset.clients_dir`)."""
+    task = task_of(cfg.dataset)
     if "image-dir" in node_config:
-        return load_own_images(
-            str(node_config["image-dir"]), cfg.dataset.name, cfg.dataset.val_fraction, cfg.seed
-        )
+        return load_own_images(str(node_config["image-dir"]), task, cfg.dataset.val_fraction, cfg.seed)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise DatasetError(
             f"node config {dict(node_config)} names no local data: give the SuperNode "
@@ -110,9 +121,11 @@ def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData
             f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
             f"(num-partitions={num_partitions})"
         )
+    if task.clients_dir and num_partitions != len(task.parties):
+        raise DatasetError(f"num-partitions={num_partitions}, but {task.clients_dir} holds "
+                           f"{len(task.parties)} party folders")
     return load_client_data(
-        cfg.dataset.name,
-        cfg.dataset.data_dir,
+        task,
         cfg.partitioner.name,
         partition_id,
         num_partitions,
@@ -122,12 +135,27 @@ def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData
     )
 
 
+def node_name(context: Context, cfg: AppConfig) -> str:
+    """How the node's party is called in the server's tables: the node config's `name`,
+    its party folder's (`clients_dir`), its partition id, or else its Flower node id."""
+    node_config = context.node_config
+    if "name" in node_config:
+        return str(node_config["name"])
+    if "partition-id" in node_config:
+        partition_id = int(node_config["partition-id"])
+        parties = task_of(cfg.dataset).parties
+        return parties[partition_id] if parties else str(partition_id)
+    return f"node {context.node_id}"
+
+
 def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     """The client of the node in `context`: its local data and the worker's model."""
     data = load_node_data(context.node_config, cfg)
+    task = task_of(cfg.dataset)
     model = _worker_model(
         cfg.model.name,
-        image_shape(cfg.dataset.name),
+        task.image_shape,
+        len(task.classes),
         cfg.optimizer,
         cfg.loss,
         cfg.mode.num_cpus_per_client,
@@ -136,7 +164,7 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     )
     partition_id = context.node_config.get("partition-id")  # none for a node's own images
     partition_id = None if partition_id is None else int(partition_id)
-    return KerasClient(model, data, partition_id, cfg).to_client()
+    return KerasClient(model, data, node_name(context, cfg), partition_id, cfg).to_client()
 
 
 def privacy_mods(privacy: PrivacyConfig) -> list[Mod]:

@@ -10,7 +10,7 @@ Hydra override string rather than a copy of every key.
 
 import dataclasses
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fl_app.config_schema import AppConfig, ConfigError
+from fl_app.task import settle
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OVERRIDES_KEY = "overrides"
@@ -28,8 +29,10 @@ OVERRIDES_KEY = "overrides"
 ConfigStore.instance().store(name="base_config", node=AppConfig)
 
 
-def to_app_config(cfg: DictConfig) -> AppConfig:
-    """Resolve and validate a composed config; raises `ConfigError` on a bad value."""
+def to_app_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> AppConfig:
+    """Resolve and validate a composed config, settling an image-folder task from its
+    folders (`fl_app.task.settle`); raises `ConfigError` on a bad value, `DatasetError` on
+    a bad folder. `overrides`: the Hydra overrides it was composed with."""
     try:
         # Re-merging into the schema rejects keys that Hydra's `+key=value` appended.
         typed = OmegaConf.merge(AppConfig, OmegaConf.to_container(cfg))
@@ -43,14 +46,17 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
             raise err.__cause__ from None
         raise
     assert isinstance(app_cfg, AppConfig)
-    # Workers may run in another working directory: pin the data root now.
-    app_cfg.dataset.data_dir = str(Path(app_cfg.dataset.data_dir).expanduser().resolve())
-    return app_cfg
+    # Workers may run in another working directory: pin the data folders now.
+    dataset = app_cfg.dataset
+    for key in ("data_dir", "clients_dir", "train_dir", "test_dir"):
+        if getattr(dataset, key):
+            setattr(dataset, key, str(Path(getattr(dataset, key)).expanduser().resolve()))
+    return settle(app_cfg, num_clients_given="num_clients" in override_keys(overrides))
 
 
-def to_simulation_config(cfg: DictConfig) -> AppConfig:
+def to_simulation_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> AppConfig:
     """`to_app_config` for `run_simulation.py` (each job of a sweep too): mode=simulation only."""
-    app_cfg = to_app_config(cfg)
+    app_cfg = to_app_config(cfg, overrides)
     if app_cfg.mode.name != "simulation":
         raise ConfigError(
             "mode",
@@ -64,7 +70,7 @@ def compose_config(overrides: list[str] | None = None) -> AppConfig:
     """Compose `conf/config.yaml` with Hydra override strings, outside `@hydra.main`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides or [])
-    return to_app_config(cfg)
+    return to_app_config(cfg, overrides or [])
 
 
 def from_run_config(run_config: Mapping[str, object]) -> AppConfig:
@@ -73,10 +79,14 @@ def from_run_config(run_config: Mapping[str, object]) -> AppConfig:
 
 
 def given_keys(run_config: Mapping[str, object]) -> set[str]:
-    """The config keys that a `flwr run`'s overrides set (`num_clients=3` -> num_clients),
-    as Hydra's own parser reads them."""
-    overrides = shlex.split(str(run_config.get(OVERRIDES_KEY, "")))
-    return {override.key_or_group for override in OverridesParser.create().parse_overrides(overrides)}
+    """The config keys that a `flwr run`'s overrides set."""
+    return override_keys(shlex.split(str(run_config.get(OVERRIDES_KEY, ""))))
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that Hydra overrides set (`num_clients=3` -> num_clients), as
+    Hydra's own parser reads them."""
+    return {override.key_or_group for override in OverridesParser.create().parse_overrides(list(overrides))}
 
 
 @lru_cache(maxsize=4)

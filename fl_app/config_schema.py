@@ -9,7 +9,11 @@ the key and what is allowed. This module imports nothing of ours on purpose.
 
 from dataclasses import dataclass, fields
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10")
+BUILT_IN_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+IMAGE_FOLDER = "image_folder"  # the user's own task: conf/dataset/image_folder.yaml
+DATASETS = (*BUILT_IN_DATASETS, IMAGE_FOLDER)
+# The settings of an image-folder task; the built-in datasets fix them, so take none.
+IMAGE_FOLDER_SETTINGS = ("classes", "image_size", "channels", "clients_dir", "train_dir", "test_dir")
 MODELS = ("seed_cnn", "mcmahan_cnn", "mcmahan_2nn")
 # Each partitioner and the settings it takes (any other must stay unset).
 PARTITIONERS = {
@@ -69,8 +73,15 @@ class ConfigError(ValueError):
 @dataclass
 class DatasetConfig:
     name: str
-    data_dir: str
+    data_dir: str  # the built-in datasets' root folder
     val_fraction: float
+    # dataset image_folder only (IMAGE_FOLDER_SETTINGS; conf/dataset/image_folder.yaml)
+    classes: list[str] | None = None
+    image_size: list[int] | None = None  # [height, width]
+    channels: int | None = None
+    clients_dir: str | None = None
+    train_dir: str | None = None
+    test_dir: str | None = None
 
 
 @dataclass
@@ -289,9 +300,49 @@ def _check_privacy(cfg: AppConfig) -> None:
                           f"({privacy.secagg_reconstruction_threshold}) with SecAgg+")
 
 
+def _check_image_folder(dataset: DatasetConfig, mode: str) -> None:
+    """An image-folder task's classes, image settings, and (simulation) where its images are."""
+    if dataset.classes is not None:
+        if len(dataset.classes) < 2:
+            raise ConfigError("dataset.classes", f"got {dataset.classes}: a classifier needs at least 2 classes")
+        empty = [name for name in dataset.classes if not str(name).strip()]
+        if empty:
+            raise ConfigError("dataset.classes", f"got {dataset.classes}: class names must not be empty")
+        repeated = sorted({name for name in dataset.classes if dataset.classes.count(name) > 1})
+        if repeated:
+            raise ConfigError("dataset.classes", f"names {', '.join(repeated)} more than once; each class once")
+    if dataset.image_size is None or len(dataset.image_size) != 2 or min(dataset.image_size) < 1:
+        raise ConfigError("dataset.image_size", f"got {dataset.image_size}, must be [height, width] "
+                          "in pixels, each >= 1")
+    if dataset.channels not in (1, 3):
+        raise ConfigError("dataset.channels", f"got {dataset.channels}, must be 1 (grey) or 3 (RGB)")
+    given = [key for key in ("clients_dir", "train_dir") if getattr(dataset, key)]
+    if mode == "deployment":
+        if given:
+            raise ConfigError(f"dataset.{given[0]}", "applies to mode simulation only: in deployment "
+                              "each partner's SuperNode names its own folder (node config image-dir)")
+        if dataset.classes is None:
+            raise ConfigError("dataset.classes", "must list the class names in deployment: the "
+                              "server sees no images to read them from")
+    elif len(given) != 1:
+        raise ConfigError("dataset.clients_dir / dataset.train_dir", f"got {'both' if given else 'neither'}; "
+                          "give exactly one: clients_dir (one sub-folder per party) or train_dir "
+                          "(one pooled folder that the partitioner splits over num_clients)")
+
+
+def _check_dataset(cfg: AppConfig) -> None:
+    _one_of("dataset.name", cfg.dataset.name, DATASETS)
+    if cfg.dataset.name == IMAGE_FOLDER:
+        _check_image_folder(cfg.dataset, cfg.mode.name)
+        return
+    for key in IMAGE_FOLDER_SETTINGS:
+        if getattr(cfg.dataset, key) is not None:
+            raise ConfigError(f"dataset.{key}", f"does not apply to dataset {cfg.dataset.name}, whose "
+                              f"classes and images are fixed; it is a setting of dataset={IMAGE_FOLDER}")
+
+
 def validate(cfg: AppConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`."""
-    _one_of("dataset.name", cfg.dataset.name, DATASETS)
     _one_of("model.name", cfg.model.name, MODELS)
     _check_settings(cfg)
     _one_of("mode.name", cfg.mode.name, MODES)
@@ -311,6 +362,7 @@ def validate(cfg: AppConfig) -> None:
     if cfg.learning_rate <= 0:
         raise ConfigError("learning_rate", f"got {cfg.learning_rate}, must be a number > 0")
     _check_mode(cfg.mode)
+    _check_dataset(cfg)
     _check_privacy(cfg)
     for key in ("min_fit_clients", "min_evaluate_clients"):
         if getattr(cfg, key) > cfg.num_clients:

@@ -5,17 +5,17 @@ process serves: `train` resets the optimizer state first, so no client inherits 
 client's momentum or Adam moments.
 """
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from fl_app.library_patches import fuse_adam
 
-NUM_CLASSES = 10
 
-
-def build_seed_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
-    """The seed notebook's CNN: 693,962 trainable parameters on 28x28x1 input."""
+def build_seed_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The seed notebook's CNN: 693,962 trainable parameters on 28x28x1 input, 10 classes."""
     return keras.Sequential(
         [
             keras.Input(shape=input_shape),
@@ -23,13 +23,13 @@ def build_seed_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
             keras.layers.MaxPooling2D((2, 2)),
             keras.layers.Flatten(),
             keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+            keras.layers.Dense(num_classes, activation="softmax"),
         ],
         name="seed_cnn",
     )
 
 
-def build_mcmahan_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
+def build_mcmahan_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """McMahan et al. 2017's MNIST CNN: 1,663,370 parameters on 28x28x1 input."""
     return keras.Sequential(
         [
@@ -40,13 +40,13 @@ def build_mcmahan_cnn(input_shape: tuple[int, int, int]) -> keras.Model:
             keras.layers.MaxPooling2D((2, 2)),
             keras.layers.Flatten(),
             keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+            keras.layers.Dense(num_classes, activation="softmax"),
         ],
         name="mcmahan_cnn",
     )
 
 
-def build_mcmahan_2nn(input_shape: tuple[int, int, int]) -> keras.Model:
+def build_mcmahan_2nn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     """McMahan et al. 2017's 2NN: two hidden layers of 200 ReLU units, 199,210 parameters."""
     return keras.Sequential(
         [
@@ -54,7 +54,7 @@ def build_mcmahan_2nn(input_shape: tuple[int, int, int]) -> keras.Model:
             keras.layers.Flatten(),
             keras.layers.Dense(200, activation="relu"),
             keras.layers.Dense(200, activation="relu"),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+            keras.layers.Dense(num_classes, activation="softmax"),
         ],
         name="mcmahan_2nn",
     )
@@ -111,6 +111,7 @@ OPTIMIZERS = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
 def build_model(
     name: str,
     input_shape: tuple[int, int, int],
+    num_classes: int,
     optimizer: str,
     loss: str,
     learning_rate: float,
@@ -122,7 +123,7 @@ def build_model(
     proximal=True wraps it for FedProx (`ProximalModel`). steps_per_execution > 1 runs that
     many batches per TensorFlow call: the same steps and weights, less Python per batch.
     """
-    model = MODELS[name](input_shape)
+    model = MODELS[name](input_shape, num_classes)
     if proximal:
         model = ProximalModel(model)
     keras_optimizer = OPTIMIZERS[optimizer](learning_rate=learning_rate)
@@ -144,10 +145,11 @@ def summary_text(model: keras.Model) -> str:
     return "\n".join(parts).rstrip()
 
 
-def initial_weights(name: str, input_shape: tuple[int, int, int], seed: int) -> list[np.ndarray]:
+def initial_weights(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                    seed: int) -> list[np.ndarray]:
     """The global model's starting weights, identical for a given seed."""
     keras.utils.set_random_seed(seed)
-    return MODELS[name](input_shape).get_weights()
+    return MODELS[name](input_shape, num_classes).get_weights()
 
 
 def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> None:
@@ -203,19 +205,54 @@ def train(
     }
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Return (loss, accuracy) of the model's current weights on (x, y).
+class Evaluation(NamedTuple):
+    loss: float
+    accuracy: float
+    predicted: np.ndarray  # the predicted class of each image
 
-    Batch by batch through Keras' `test_on_batch`, averaged by batch size as `evaluate`
-    does: `evaluate` builds an input pipeline at every call, which made up almost half of
-    a client's evaluation (docs/benchmarks.md).
+
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> Evaluation:
+    """The model's loss, accuracy and predictions on (x, y), from one forward pass.
+
+    Batch by batch through Keras' `predict_on_batch`, with the compiled loss function:
+    `evaluate` builds an input pipeline at every call, which made up almost half of a
+    client's evaluation (docs/benchmarks.md), and gives no predictions to count per class.
     """
     if not len(x):
         raise ValueError("nothing to evaluate on: no images given")
-    starts = range(0, len(x), batch_size)
-    results = [model.test_on_batch(x[i:i + batch_size], y[i:i + batch_size]) for i in starts]
-    loss, accuracy = np.average(results, axis=0, weights=[len(y[i:i + batch_size]) for i in starts])
-    return float(loss), float(accuracy)
+    probabilities = np.concatenate([model.predict_on_batch(x[i:i + batch_size])
+                                    for i in range(0, len(x), batch_size)])
+    loss = np.mean(keras.losses.get(model.loss)(y, probabilities))
+    predicted = probabilities.argmax(axis=1)
+    return Evaluation(float(loss), float(np.mean(predicted == y)), predicted)
+
+
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(classes, classes) int64: images per (true class, predicted class)."""
+    flat = np.asarray(labels, np.int64) * num_classes + predicted
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+class ClassScores(NamedTuple):
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray  # true images of each class
+    macro_f1: float
+
+
+def class_scores(confusion: np.ndarray) -> ClassScores:
+    """Per-class precision, recall and F1 from confusion counts, as scikit-learn computes
+    them: 0 where undefined (a class never predicted, or without images), and the macro F1
+    over the classes that occur as truth or prediction."""
+    hits = np.diag(confusion).astype(float)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    occurring = (support > 0) | (predicted > 0)
+    return ClassScores(precision, recall, f1, support, float(f1[occurring].mean()) if occurring.any() else 0.0)
 
 
 def limit_threads(num_threads: int) -> None:

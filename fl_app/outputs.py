@@ -22,7 +22,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import MaxNLocator
 
 # Column order of metrics.csv; keys a round lacks stay empty.
 COLUMNS = (
@@ -33,6 +32,7 @@ COLUMNS = (
     "train_accuracy",
     "eval_loss",
     "eval_accuracy",
+    "eval_macro_f1",
     "clients_sampled",
     "clients_succeeded",
     "clients_failed",
@@ -41,6 +41,8 @@ COLUMNS = (
     "round_seconds",
 )
 
+PER_CLASS_COLUMNS = ("round", "class", "precision", "recall", "f1", "support")
+CLIENTS_COLUMNS = ("round", "client", "train_examples", "eval_examples", "eval_loss", "eval_accuracy")
 
 DPI = 100  # every picture's pixel size is its figsize (inches) x DPI
 
@@ -87,6 +89,8 @@ class RunOutputs:
         self.model_summary = self.dir / "model_summary.txt"
         self.confusion_matrix_png = self.dir / "confusion_matrix.png"
         self.predictions_png = self.dir / "predictions.png"
+        self.per_class_csv = self.dir / "per_class.csv"
+        self.clients_csv = self.dir / "clients.csv"
         self._tensorboard = None  # created at the first round: a refused run writes nothing
 
     def write_config(self, yaml_text: str) -> None:
@@ -102,6 +106,21 @@ class RunOutputs:
         writer.writeheader()
         writer.writerows(history)
         _write_atomically(self.metrics_csv, lambda f: f.write(text.getvalue().encode()))
+
+    def write_round_rows(self, path: Path, columns: tuple[str, ...], server_round: int,
+                         rows: list[dict]) -> None:
+        """Add one round's rows to a per-round table (per_class.csv, clients.csv), first
+        dropping rows of this round or later: a run that stopped between writing them and
+        its checkpoint repeats the round when resumed."""
+        kept = []
+        if path.exists():
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["round"]) < server_round]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([*kept, *({"round": server_round} | row for row in rows)])
+        _write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
     def write_scalars(self, record: dict) -> None:
         """TensorBoard: each numeric value of a round's record (named as in metrics.csv) at
@@ -135,13 +154,11 @@ class RunOutputs:
         loss_ax.set_title("Loss per round")
         _save(fig, self.metrics_png)
 
-    def plot_confusion_matrix(self, labels: np.ndarray, predicted: np.ndarray,
-                              class_names: tuple[str, ...]) -> None:
-        """confusion_matrix.png: test images per (true, predicted) class, counts written in.
-
-        Colours are on a log scale, else the diagonal's thousands hide the few mistakes."""
+    def plot_confusion_matrix(self, matrix: np.ndarray, class_names: tuple[str, ...], images: str) -> None:
+        """confusion_matrix.png: `images` (what they are) per (true, predicted) class, counts
+        written in. Colours are on a log scale, else the diagonal's thousands hide the few
+        mistakes."""
         n = len(class_names)
-        matrix = tf.math.confusion_matrix(labels, predicted, num_classes=n).numpy()
         norm = LogNorm(vmin=1, vmax=max(matrix.max(), 2))
         fig, ax = plt.subplots(figsize=(7, 6))
         image = ax.imshow(np.ma.masked_equal(matrix, 0), cmap="Blues", norm=norm)
@@ -154,7 +171,7 @@ class RunOutputs:
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         accuracy = np.trace(matrix) / matrix.sum()
-        ax.set_title(f"Final model on {matrix.sum():,} test images: accuracy {accuracy:.2%}")
+        ax.set_title(f"Final model on {matrix.sum():,} {images}:\naccuracy {accuracy:.2%}")
         fig.colorbar(image, ax=ax, label="images (log scale)")
         _save(fig, self.confusion_matrix_png)
 
@@ -201,24 +218,25 @@ class RunOutputs:
         text = json.dumps({"summary": summary, "label_counts": counts.tolist()}, indent=1)
         _write_atomically(self.partitions_json, lambda f: f.write(text.encode()))
 
-    def plot_partitions(self, counts: np.ndarray, title: str, max_clients: int = 50) -> None:
-        """partitions.png: one bar per client (the first `max_clients`), split by label."""
+    def plot_partitions(self, counts: np.ndarray, title: str, class_names: tuple[str, ...],
+                        client_names: list[str], max_clients: int = 50) -> None:
+        """partitions.png: one bar per client (the first `max_clients`), split by class."""
         shown = counts[:max_clients]
         fig, ax = plt.subplots(figsize=(11, 1.5 + 0.18 * len(shown)))
         left = np.zeros(len(shown))
-        colours = plt.get_cmap("tab10")
+        colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
         for label in range(shown.shape[1]):
-            ax.barh(np.arange(len(shown)), shown[:, label], left=left, color=colours(label),
-                    label=str(label))
+            ax.barh(np.arange(len(shown)), shown[:, label], left=left, color=colours(label % colours.N),
+                    label=class_names[label])
             left += shown[:, label]
+        ax.set_yticks(np.arange(len(shown)), client_names[:max_clients], fontsize="small")
         ax.invert_yaxis()
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(y=0.01)
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("client (partition id)")
+        ax.set_xlabel("images (training and held-out)")
+        ax.set_ylabel("client")
         suffix = f" (first {len(shown)} of {len(counts)} clients)" if len(counts) > len(shown) else ""
         ax.set_title(title + suffix)
-        ax.legend(title="label", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+        ax.legend(title="class", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
         _save(fig, self.partitions_png)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:

@@ -3,13 +3,15 @@
 A partitioner maps the training labels to one index array per party; a party then
 materialises only its own rows. The splitting itself is done by `flwr-datasets`
 partitioners, run on a table of (label, row index) so that they never touch images.
-The dataset and the split are computed once per process and cached, so a worker
-serving many virtual clients reads the files once. In deployment a party may instead
-bring its own image folder (`load_own_images`).
+The split is computed once per process and cached (the images are, by fl_app.task), so
+a worker serving many virtual clients reads the files once. An image-folder task may
+instead give each party its own folder (`clients_dir`), as a partner in deployment does
+(`load_own_images`).
 """
 
 import warnings
 from functools import cached_property, lru_cache
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -21,8 +23,9 @@ from flwr_datasets.partitioner import (
 )
 
 from fl_app.config_schema import ConfigError
-from fl_app.data import NUM_CLASSES, DatasetError, class_names, image_shape, load_dataset, scale_images
-from fl_app.image_folder import load_image_folder
+from fl_app.data import DatasetError, scale_images
+from fl_app.image_folder import list_images
+from fl_app.task import Task, folder_images, held_out_size, party_set, training_set
 
 datasets.disable_progress_bars()  # a bar per partition would drown the run's log
 
@@ -117,10 +120,10 @@ class Split:
         # numpy would read row by row, ten times slower (docs/benchmarks.md).
         return np.sort(part.with_format("numpy")[:]["row"])
 
-    def label_counts(self) -> np.ndarray:
+    def label_counts(self, num_classes: int) -> np.ndarray:
         """(parties, classes): how many samples of each class every party holds."""
         return np.stack([
-            np.bincount(self.labels[self.rows(i)], minlength=NUM_CLASSES)
+            np.bincount(self.labels[self.rows(i)], minlength=num_classes)
             for i in range(self.num_partitions)
         ])
 
@@ -148,32 +151,31 @@ class ClientData:
         return scale_images(self._images[self._val_rows])
 
 
-@lru_cache(maxsize=2)
-def _cached_dataset(name: str, data_dir: str) -> tuple[np.ndarray, ...]:
-    return load_dataset(name, data_dir)
-
-
 @lru_cache(maxsize=4)
-def _cached_split(name: str, data_dir: str, partitioner: str, num_partitions: int, seed: int,
+def _cached_split(task: Task, partitioner: str, num_partitions: int, seed: int,
                   params: tuple[tuple[str, object], ...]) -> Split:
-    return Split(_cached_dataset(name, data_dir)[1], partitioner, num_partitions, seed, **dict(params))
+    return Split(training_set(task)[1], partitioner, num_partitions, seed, **dict(params))
 
 
-def load_split(name: str, data_dir: str, partitioner: str, num_partitions: int, seed: int,
-               **params) -> Split:
-    """The partitioning of dataset `name`'s training set (cached per process)."""
-    return _cached_split(name, data_dir, partitioner, num_partitions, seed, tuple(sorted(params.items())))
+def load_split(task: Task, partitioner: str, num_partitions: int, seed: int, **params) -> Split:
+    """The partitioning of the task's pooled training set (cached per process)."""
+    return _cached_split(task, partitioner, num_partitions, seed, tuple(sorted(params.items())))
 
 
-def load_test_set(name: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """The full test set, scaled for the model: the server's centralised evaluation."""
-    _, _, x_test, y_test = _cached_dataset(name, data_dir)
-    return scale_images(x_test), y_test
+def label_counts(task: Task, partitioner: str, num_partitions: int, seed: int, **params) -> np.ndarray:
+    """(parties, classes): how many training images of each class every party holds: its
+    own folder's (`clients_dir`, counted without reading the images) or its partition's."""
+    if not task.clients_dir:
+        return load_split(task, partitioner, num_partitions, seed, **params).label_counts(len(task.classes))
+    return np.stack([
+        np.bincount([label for _, label in list_images(Path(task.clients_dir, party), task.classes)],
+                    minlength=len(task.classes))
+        for party in task.parties
+    ])
 
 
 def load_client_data(
-    name: str,
-    data_dir: str,
+    task: Task,
     partitioner: str,
     partition_id: int,
     num_partitions: int,
@@ -181,22 +183,25 @@ def load_client_data(
     seed: int,
     **params,
 ) -> ClientData:
-    """One party's training rows, split (seeded) into local train and held-out parts."""
-    rows = load_split(name, data_dir, partitioner, num_partitions, seed, **params).rows(partition_id)
-    x_train, y_train = _cached_dataset(name, data_dir)[:2]
-    return _hold_out(x_train, y_train, rows, val_fraction, [seed, partition_id])
+    """Party `partition_id`'s data, split (seeded) into local train and held-out parts: its
+    own folder of `clients_dir`, or its partition of the pooled training set."""
+    if task.clients_dir:
+        images, labels = party_set(task, partition_id)
+        return _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed, partition_id])
+    rows = load_split(task, partitioner, num_partitions, seed, **params).rows(partition_id)
+    images, labels = training_set(task)
+    return _hold_out(images, labels, rows, val_fraction, [seed, partition_id])
 
 
-@lru_cache(maxsize=1)
-def load_own_images(folder: str, name: str, val_fraction: float, seed: int) -> ClientData:
-    """A party's own image folder (deployment) as dataset `name`'s classes and input shape,
+def load_own_images(folder: str, task: Task, val_fraction: float, seed: int) -> ClientData:
+    """A partner's own image folder (deployment) as the task's classes and input shape,
     split (seeded) into local train and held-out parts. Read once per process."""
-    images, labels = load_image_folder(folder, class_names(name), image_shape(name))
+    images, labels = folder_images(folder, task)
     data = _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed])
-    if not len(data.y_train):
+    if not len(data.y_train) or (val_fraction > 0 and not len(data.y_val)):
         raise DatasetError(
-            f"{folder}: its {len(labels)} image(s) leave none to train on after holding out "
-            f"dataset.val_fraction={val_fraction}"
+            f"{folder}: its {len(labels)} image(s) are too few for a training and a held-out "
+            f"part with dataset.val_fraction={val_fraction}"
         )
     return data
 
@@ -205,5 +210,5 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, val_frac
               seed: list[int]) -> ClientData:
     """A seeded `val_fraction` of `rows` held out for evaluation, the rest for training."""
     shuffled = np.random.default_rng(seed).permutation(rows)
-    num_val = int(round(len(shuffled) * val_fraction))
+    num_val = held_out_size(len(shuffled), val_fraction)
     return ClientData(images, labels, np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val]))

@@ -18,8 +18,10 @@ import keras
 import numpy as np
 from omegaconf import OmegaConf
 
-from fl_app.data import DATASETS, DatasetError, class_names, image_shape, load_dataset, scale_images
+from fl_app.config_schema import BUILT_IN_DATASETS, IMAGE_FOLDER_SETTINGS, ConfigError, DatasetConfig
+from fl_app.data import DatasetError, scale_images
 from fl_app.image_folder import IMAGE_SUFFIXES, read_image
+from fl_app.task import Task, central_test_set, task_of, training_set
 
 BATCH_SIZE = 1000
 TOP_K = 3
@@ -28,6 +30,7 @@ EXAMPLES = """examples:
   python -m fl_app.predict outputs/2025-06-01/10-00-00/model.keras scan.png my_images/
   python -m fl_app.predict model.keras --dataset fashion_mnist shoe.jpg -o shoe.csv
   python -m fl_app.predict model.keras --dataset mnist --split test
+  python -m fl_app.predict outputs/skin/model.keras --split test   # the run's test_dir
 
 A bad image among many is reported and skipped; the rest are classified. Exit status:
 0 if every image was classified, 1 if one was skipped or nothing could be done,
@@ -51,24 +54,29 @@ def load_model(path: Path) -> keras.Model:
         raise PredictError(f"{path}: cannot be loaded as a Keras model: {err}") from err
 
 
-def dataset_of_run(model_path: Path) -> str:
-    """The dataset named in the config.yaml that a run writes beside its model.keras."""
+def task_of_run(model_path: Path, data_dir: str) -> Task:
+    """The task (class names, image shape, test set) in the config.yaml that a run writes
+    beside its model.keras; a built-in dataset's files are looked for in `data_dir`."""
     config = model_path.parent / "config.yaml"
     if not config.is_file():
         raise PredictError(
             f"name the model's dataset with --dataset: {model_path} has no config.yaml beside it"
         )
-    return OmegaConf.load(config).dataset.name
+    try:
+        written = OmegaConf.load(config).dataset
+        settings = {key: written.get(key) for key in IMAGE_FOLDER_SETTINGS}
+        return task_of(DatasetConfig(written.name, data_dir, val_fraction=0.0, **settings))
+    except (ConfigError, AttributeError, TypeError, ValueError) as err:
+        raise PredictError(f"{config}: not the config.yaml of an fl_app run ({err})") from err
 
 
-def check_model_fits(model: keras.Model, path: Path, dataset: str) -> None:
-    """The model must take the dataset's image shape and give one output per class."""
-    shape, names = image_shape(dataset), class_names(dataset)
+def check_model_fits(model: keras.Model, path: Path, task: Task) -> None:
+    """The model must take the task's image shape and give one output per class."""
     takes, gives = tuple(model.input_shape[1:]), model.output_shape[-1]
-    if takes != shape or gives != len(names):
+    if takes != task.image_shape or gives != len(task.classes):
         raise PredictError(
-            f"{path} takes input {takes} and gives {gives} outputs, but {dataset} images are "
-            f"{shape} with {len(names)} classes: is --dataset right?"
+            f"{path} takes input {takes} and gives {gives} outputs, but {task.dataset} images are "
+            f"{task.image_shape} with {len(task.classes)} classes: is --dataset right?"
         )
 
 
@@ -93,11 +101,11 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def classify(model: keras.Model, dataset: str, paths: list[Path], output: Path) -> int:
+def classify(model: keras.Model, task: Task, paths: list[Path], output: Path) -> int:
     """Classify the images, print the rows and write them to `output`; return how many
     paths were skipped (each reported on stderr)."""
     files, problems = image_files(paths)
-    shape, names = image_shape(dataset), class_names(dataset)
+    shape, names = task.image_shape, task.classes
     images, readable = [], []
     for path in files:
         try:
@@ -133,13 +141,25 @@ def classify(model: keras.Model, dataset: str, paths: list[Path], output: Path) 
     return len(problems)
 
 
-def evaluate_split(model: keras.Model, dataset: str, split: str, data_dir: str) -> None:
-    x_train, y_train, x_test, y_test = load_dataset(dataset, data_dir)
-    images, labels = (x_test, y_test) if split == "test" else (x_train, y_train)
-    predicted = model.predict(scale_images(images), batch_size=BATCH_SIZE, verbose=0).argmax(axis=1)
+def evaluate_split(model: keras.Model, task: Task, split: str) -> None:
+    """Print the model's accuracy on the task's test set (a built-in one, or `test_dir`) or
+    its pooled training set (a built-in one, or `train_dir`)."""
+    if split == "test":
+        test = central_test_set(task)
+        if test is None:
+            raise PredictError(f"the {task.dataset} task has no test set: give the run's config "
+                               "a dataset.test_dir, or classify a folder of images instead")
+        images, labels = test
+    elif task.clients_dir:
+        raise PredictError("the run's training images are its parties' folders (dataset.clients_dir), "
+                           "not one training set: classify a folder of images instead")
+    else:
+        x_train, labels = training_set(task)
+        images = scale_images(x_train)
+    predicted = model.predict(images, batch_size=BATCH_SIZE, verbose=0).argmax(axis=1)
     wrong = int(np.sum(predicted != labels))
     print(f"accuracy {1 - wrong / len(labels):.4f} on the {len(labels):,} {split} images of "
-          f"{dataset} ({wrong:,} wrong)")
+          f"{task.dataset} ({wrong:,} wrong)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,13 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         "directories, searched recursively",
     )
     parser.add_argument(
-        "--dataset", choices=sorted(DATASETS),
-        help="the dataset the model was trained on: its class names and image shape "
-        "(default: the one in the config.yaml beside MODEL)",
+        "--dataset", choices=BUILT_IN_DATASETS,
+        help="the built-in dataset the model was trained on: its class names and image shape "
+        "(default: the task in the config.yaml beside MODEL, own class names included)",
     )
     parser.add_argument(
         "--split", choices=("test", "train"),
-        help="instead of classifying IMAGES, print the accuracy on this split of --dataset",
+        help="instead of classifying IMAGES, print the accuracy on this split of the task "
+        "(an image-folder task's test_dir or train_dir)",
     )
     parser.add_argument(
         "--data-dir", default=os.environ.get("FL_APP_DATA_DIR", "data"),
@@ -178,11 +199,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give either IMAGES to classify or --split to evaluate on, not both or neither")
     try:
         model = load_model(args.model)
-        dataset = args.dataset or dataset_of_run(args.model)
-        check_model_fits(model, args.model, dataset)
+        if args.dataset:
+            task = task_of(DatasetConfig(args.dataset, args.data_dir, val_fraction=0.0))
+        else:
+            task = task_of_run(args.model, args.data_dir)
+        check_model_fits(model, args.model, task)
         if args.split:
-            evaluate_split(model, dataset, args.split, args.data_dir)
-        elif classify(model, dataset, args.images, args.output):
+            evaluate_split(model, task, args.split)
+        elif classify(model, task, args.images, args.output):
             sys.exit(1)
     except (PredictError, DatasetError) as err:
         print(f"predict: {err}", file=sys.stderr)

@@ -21,26 +21,34 @@ from fl_app import model as keras_model
 from fl_app.config import from_run_config, given_keys
 from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
 from fl_app.console import FILE_ONLY
-from fl_app.data import class_names, image_shape
-from fl_app.outputs import Checkpoint, RunOutputs
-from fl_app.partition import load_split, load_test_set
+from fl_app.outputs import CLIENTS_COLUMNS, PER_CLASS_COLUMNS, Checkpoint, RunOutputs
+from fl_app.partition import label_counts
 from fl_app.privacy import PrivacyBudget, fit_workflow, with_central_dp
 from fl_app.strategy import ValidatedStrategy, build_strategy
+from fl_app.task import Task, central_test_set, task_of
 from fl_app.workflow import ResumableWorkflow
 
 
 class RoundRecorder:
-    """After each round: log a progress line, write metrics (files and TensorBoard),
-    checkpoint atomically, and end the run once the test accuracy reaches `target_accuracy`."""
+    """After each round: log a progress line, write metrics (files and TensorBoard) and the
+    per-class and per-party tables, checkpoint atomically, and end the run once its accuracy
+    reaches `target_accuracy`.
+
+    The run's accuracy is the server's test accuracy, or without a test set the clients'
+    held-out (federated) accuracy: `accuracy_key`.
+    """
 
     def __init__(self, outputs: RunOutputs, strategy: ValidatedStrategy, num_rounds: int,
-                 checkpoint: Checkpoint, target_accuracy: float | None,
-                 budget: PrivacyBudget | None = None) -> None:
+                 checkpoint: Checkpoint, target_accuracy: float | None, class_names: tuple[str, ...],
+                 accuracy_key: str, budget: PrivacyBudget | None = None) -> None:
         self.outputs = outputs
         self.strategy = strategy
         self.num_rounds = num_rounds
         self.target_accuracy = target_accuracy
+        self.class_names = class_names
+        self.accuracy_key = accuracy_key
         self.budget = budget
+        self.confusion: tuple[int, np.ndarray] | None = None  # the latest summed counts, by round
         self.history = list(checkpoint.history)
         self.weights = checkpoint.weights
         self.first_round = checkpoint.round + 1
@@ -49,6 +57,7 @@ class RoundRecorder:
     def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> bool:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
         record["round_seconds"] = round(seconds, 3)
+        self._record_evaluation(server_round, record)
         if self.budget is not None:
             record.update(self.budget.spend(record))
         self.history.append(record)
@@ -57,7 +66,7 @@ class RoundRecorder:
         # The rounds after this process's first (which waits for the workers to start).
         later = [r["round_seconds"] for r in self.history if r["round"] > self.first_round] or [seconds]
         left = sum(later) / len(later) * (self.num_rounds - server_round)
-        log(INFO, "%s | %s elapsed, ~%s left", progress_line(record, self.num_rounds),
+        log(INFO, "%s | %s elapsed, ~%s left", progress_line(record, self.num_rounds, self.accuracy_key),
             minutes(elapsed), minutes(left))
         # The checkpoint first: it decides whether a run exists to resume, and a resume
         # rewrites the metrics from its history.
@@ -65,39 +74,60 @@ class RoundRecorder:
                                                 self.strategy.optimizer_state()))
         self.outputs.write_metrics(self.history)
         self.outputs.write_scalars(record)
-        reached = self.target_accuracy is not None and record.get("test_accuracy", 0.0) >= self.target_accuracy
+        reached = self.target_accuracy is not None and record.get(self.accuracy_key, 0.0) >= self.target_accuracy
         if reached:
             log(INFO, "Target accuracy %s reached in round %s: stopping", self.target_accuracy, server_round)
         spent = (self.budget is not None and server_round < self.num_rounds
                  and not self.budget.allows_another(record["clients_sampled"], record["clients_available"]))
         return reached or spent
 
+    def _record_evaluation(self, server_round: int, record: dict) -> None:
+        """clients.csv, and from the clients' summed confusion counts per_class.csv and the
+        record's eval_macro_f1."""
+        parties = self.strategy.parties.pop(server_round, None)
+        if parties is not None:
+            self.outputs.write_round_rows(self.outputs.clients_csv, CLIENTS_COLUMNS, server_round, parties)
+        confusion = self.strategy.confusion.pop(server_round, None)
+        if confusion is None or len(confusion) != len(self.class_names):
+            return
+        self.confusion = server_round, confusion
+        scores = keras_model.class_scores(confusion)
+        record["eval_macro_f1"] = scores.macro_f1
+        rows = [{"class": name, "precision": round(float(p), 6), "recall": round(float(r), 6),
+                 "f1": round(float(f), 6), "support": int(n)}
+                for name, p, r, f, n in zip(self.class_names, *scores[:4])]
+        self.outputs.write_round_rows(self.outputs.per_class_csv, PER_CLASS_COLUMNS, server_round, rows)
+
 
 def minutes(seconds: float) -> str:
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
-def progress_line(record: dict, num_rounds: int) -> str:
+def progress_line(record: dict, num_rounds: int, accuracy_key: str) -> str:
+    """One round in a line; `accuracy_key` says which evaluation measures the run."""
     def fmt(key: str) -> str:
         return f"{record[key]:.4f}" if key in record else "-"
 
+    evaluation = accuracy_key.split("_")[0]  # test: the server's test set; eval: the clients'
     return (
         f"[round {record['round']}/{num_rounds}] "
         f"clients {record.get('clients_succeeded', 0)}/{record.get('clients_sampled', 0)} trained"
         f" ({record.get('clients_failed', 0)} failed) | train loss {fmt('train_loss')} | "
-        f"test loss {fmt('test_loss')} acc {fmt('test_accuracy')} | {record['round_seconds']:.1f} s"
+        f"{evaluation} loss {fmt(f'{evaluation}_loss')} acc {fmt(accuracy_key)} | {record['round_seconds']:.1f} s"
         + (f" | epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
     )
 
 
-def run_header(cfg: AppConfig, num_params: int, shape: tuple[int, ...], sampled: int, output_dir: Path) -> str:
+def run_header(cfg: AppConfig, task: Task, num_params: int, sampled: int, output_dir: Path,
+               has_test_set: bool) -> str:
     """What the run trains, on what, how and where its outputs go: the console's first lines."""
     privacy = [name for name, on in (("SecAgg+", cfg.privacy.secagg),
                                      (f"DP {cfg.privacy.dp}", cfg.privacy.dp != "none")) if on]
+    measured = "" if has_test_set else "\nNo test set: the clients' held-out images measure the run"
     return (f"{cfg.model.name} ({num_params:,} parameters) on {cfg.dataset.name} "
-            f"({'x'.join(map(str, shape))}, {len(class_names(cfg.dataset.name))} classes) | "
+            f"({'x'.join(map(str, task.image_shape))}, {len(task.classes)} classes) | "
             f"{cfg.strategy.name}, {sampled} of {cfg.num_clients} clients a round, {cfg.num_rounds} rounds | "
-            f"privacy: {' + '.join(privacy) or 'none'}\nOutputs: {output_dir}")
+            f"privacy: {' + '.join(privacy) or 'none'}{measured}\nOutputs: {output_dir}")
 
 
 def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
@@ -114,17 +144,21 @@ def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
         return checkpoint
     if cfg.resume:
         log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
-    shape = image_shape(cfg.dataset.name)
-    return Checkpoint(0, keras_model.initial_weights(cfg.model.name, shape, cfg.seed), [], {})
+    task = task_of(cfg.dataset)
+    weights = keras_model.initial_weights(cfg.model.name, task.image_shape, len(task.classes), cfg.seed)
+    return Checkpoint(0, weights, [], {})
 
 
 def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
     """partitions.json/png: what each client holds (simulation: the server knows the split)."""
-    split = load_split(cfg.dataset.name, cfg.dataset.data_dir, cfg.partitioner.name,
-                       cfg.num_clients, cfg.seed, **own_settings(cfg.partitioner))
-    counts = split.label_counts()
+    task = task_of(cfg.dataset)
+    counts = label_counts(task, cfg.partitioner.name, cfg.num_clients, cfg.seed, **own_settings(cfg.partitioner))
     outputs.write_partitions(counts)
-    outputs.plot_partitions(counts, title=f"{cfg.partitioner.name} partitions of {cfg.dataset.name}")
+    if task.clients_dir:
+        title, names = f"the party folders of {task.clients_dir}", task.parties
+    else:
+        title, names = f"{cfg.partitioner.name} partitions of {cfg.dataset.name}", [str(i) for i in range(len(counts))]
+    outputs.plot_partitions(counts, title, task.classes, names)
 
 
 def open_outputs(cfg: AppConfig) -> tuple[RunOutputs, Checkpoint]:
@@ -142,11 +176,11 @@ def record_run(cfg: AppConfig, outputs: RunOutputs) -> None:
         record_partitions(cfg, outputs)
 
 
-def global_model(cfg: AppConfig, input_shape: tuple[int, ...], outputs: RunOutputs) -> keras.Model:
+def global_model(cfg: AppConfig, task: Task, outputs: RunOutputs) -> keras.Model:
     """The server's copy of the model (it evaluates and saves the global weights), described
     in the log and model_summary.txt."""
-    model = keras_model.build_model(cfg.model.name, input_shape, cfg.optimizer, cfg.loss,
-                                    cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
+    model = keras_model.build_model(cfg.model.name, task.image_shape, len(task.classes), cfg.optimizer,
+                                    cfg.loss, cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
     outputs.write_model_summary(summary)
@@ -192,16 +226,24 @@ def privacy_plan(cfg: AppConfig, checkpoint: Checkpoint, sampled: int) -> tuple[
     return budget, budget.last_round(checkpoint.round, cfg.num_rounds, sampled, cfg.num_clients)
 
 
-def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs, x_test: np.ndarray,
-                     y_test: np.ndarray, cfg: AppConfig) -> None:
-    """model.keras, and pictures of what it predicts on the test set."""
+def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs, task: Task,
+                     test: tuple[np.ndarray, np.ndarray] | None, recorder: RoundRecorder,
+                     batch_size: int) -> None:
+    """model.keras, and pictures of what it predicts: on the test set, or without one the
+    confusion matrix of the clients' summed counts in the last evaluated round."""
     model.set_weights(weights)
     model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
     model.save(outputs.model)
-    predicted = model.predict(x_test, batch_size=cfg.eval_batch_size, verbose=0).argmax(axis=1)
-    names = class_names(cfg.dataset.name)
-    outputs.plot_confusion_matrix(y_test, predicted, names)
-    outputs.plot_predictions(x_test, y_test, predicted, names)
+    if test is not None:
+        x_test, y_test = test
+        predicted = keras_model.evaluate(model, x_test, y_test, batch_size).predicted
+        confusion = keras_model.confusion_counts(y_test, predicted, len(task.classes))
+        outputs.plot_confusion_matrix(confusion, task.classes, "test images")
+        outputs.plot_predictions(x_test, y_test, predicted, task.classes)
+    elif recorder.confusion is not None:
+        server_round, confusion = recorder.confusion
+        outputs.plot_confusion_matrix(confusion, task.classes,
+                                      f"clients' held-out images (their summed counts, round {server_round})")
 
 
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
@@ -209,38 +251,43 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     started = time.monotonic()
     outputs, checkpoint = open_outputs(cfg)
     # The data first: a missing or corrupt file stops the run before anything is written.
-    x_test, y_test = load_test_set(cfg.dataset.name, cfg.dataset.data_dir)
+    task = task_of(cfg.dataset)
+    test = central_test_set(task)
     record_run(cfg, outputs)
-    model = global_model(cfg, x_test.shape[1:], outputs)
+    model = global_model(cfg, task, outputs)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
         model.set_weights(weights)
-        loss, accuracy = keras_model.evaluate(model, x_test, y_test, cfg.eval_batch_size)
-        return loss, {"accuracy": accuracy}
+        result = keras_model.evaluate(model, *test, cfg.eval_batch_size)
+        return result.loss, {"accuracy": result.accuracy}
 
-    strategy = server_strategy(cfg, checkpoint, evaluate_fn)
+    strategy = server_strategy(cfg, checkpoint, evaluate_fn if test is not None else None)
     # Clients a round when all of num_clients are connected, as the strategy itself counts them.
     sampled, _ = strategy.optimizer.num_fit_clients(cfg.num_clients)
-    log(INFO, "%s", run_header(cfg, model.count_params(), x_test.shape[1:], sampled, outputs.dir))
-    # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
-    # now (in simulation while Ray starts) also warms TensorFlow up for the rounds' evaluations.
-    loss, metrics = evaluate_fn(checkpoint.round, checkpoint.weights, {})
-    log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
-        checkpoint.round, loss, metrics["accuracy"])
+    log(INFO, "%s", run_header(cfg, task, model.count_params(), sampled, outputs.dir, test is not None))
+    if test is not None:
+        # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
+        # now (in simulation while Ray starts) also warms TensorFlow up for the rounds' evaluations.
+        loss, metrics = evaluate_fn(checkpoint.round, checkpoint.weights, {})
+        log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
+            checkpoint.round, loss, metrics["accuracy"])
 
     budget, num_rounds = privacy_plan(cfg, checkpoint, sampled)
-    recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, budget)
+    accuracy_key = "test_accuracy" if test is not None else "eval_accuracy"
+    recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, task.classes,
+                             accuracy_key, budget)
     workflow = ResumableWorkflow(checkpoint.weights, checkpoint.round + 1, recorder, cfg.round_timeout,
                                  evaluate_every=cfg.eval_every, fit_workflow=fit_workflow(cfg.privacy))
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy))
 
     outputs.plot_metrics(recorder.history)
-    save_final_model(model, recorder.weights, outputs, x_test, y_test, cfg)
-    final = recorder.history[-1] if recorder.history else {}
+    save_final_model(model, recorder.weights, outputs, task, test, recorder, cfg.eval_batch_size)
+    final = next((r for r in reversed(recorder.history) if accuracy_key in r), {})
     log(
         INFO,
-        "Final test accuracy %s after %s rounds, %s in all. Outputs in %s",
-        f"{final['test_accuracy']:.4f}" if "test_accuracy" in final else "n/a",
+        "Final %s accuracy %s after %s rounds, %s in all. Outputs in %s",
+        "test" if test is not None else "federated (clients' held-out)",
+        f"{final[accuracy_key]:.4f}" if final else "n/a",
         len(recorder.history),
         minutes(time.monotonic() - started),
         outputs.dir,
@@ -262,6 +309,9 @@ def federation_config(grid: Grid, run_config: Mapping[str, object]) -> AppConfig
         time.sleep(1)
     if len(nodes) == cfg.num_clients:
         return cfg
+    if cfg.dataset.clients_dir:
+        raise ConfigError("dataset.clients_dir", f"holds {cfg.num_clients} party folders, but the "
+                          f"federation has {len(nodes)} SuperNodes: one each")
     if "num_clients" in given_keys(run_config):
         log(WARNING, "num_clients=%s was given, but the federation has %s SuperNodes: using %s",
             cfg.num_clients, len(nodes), len(nodes))

@@ -11,6 +11,7 @@ from fl_app.client_app import build_client_app
 from fl_app.config_schema import AppConfig, ConfigError
 from fl_app.library_patches import seed_node_ids, wake_on_stored_messages
 from fl_app.server_app import build_server_app
+from fl_app.task import check_images, task_of
 
 # Set when Flower's simulation engine has ended, e.g. crashed because no Ray node can host a
 # client: the ServerApp's waits for replies then stop (StoppableGrid).
@@ -40,6 +41,8 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
         # Join a running Ray cluster instead of starting a private Ray on this machine.
         check_ray_head_answers(cfg.mode.ray_address)
         backend_config["init_args"]["address"] = cfg.mode.ray_address
+    # An unreadable image stops the run here, naming it, not as failed clients mid-run.
+    check_images(task_of(cfg.dataset))
     replies = wake_on_stored_messages()
     seed_node_ids(cfg.seed)
     engine_stopped.clear()

@@ -34,7 +34,7 @@ from flwr.server.strategy import Strategy
 from fl_app.config_schema import STRATEGIES
 
 # Metrics a client reports that identify or count it rather than measure it: never averaged.
-ID_METRICS = ("partition_id", "num_examples")
+ID_METRICS = ("partition_id", "num_examples", "client", "train_examples", "confusion_matrix")
 
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -157,6 +157,9 @@ class ValidatedStrategy(Strategy):
         self.sampling_seed = sampling_seed
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
+        # round -> each evaluating client's figures, and their summed confusion counts
+        self.parties: dict[int, list[dict[str, Scalar]]] = {}
+        self.confusion: dict[int, np.ndarray] = {}
         self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
 
     def __repr__(self) -> str:
@@ -289,9 +292,29 @@ class ValidatedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         for failure in failures:
             log(WARNING, "Round %s: a client failed to evaluate: %s", server_round, failure_reason(failure))
+        self._record_parties(server_round, results)
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         if loss is not None:
             self.rounds[server_round].update(
                 {"eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}}
             )
         return loss, metrics
+
+    def _record_parties(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]]) -> None:
+        """Each client's evaluation (`parties`) and the sum of their confusion counts
+        (`confusion`), which gives per-class figures that no single client's data shows."""
+        self.parties[server_round] = sorted((
+            {"client": res.metrics.get("client", proxy.cid), "train_examples": res.metrics.get("train_examples", ""),
+             "eval_examples": res.num_examples, "eval_loss": res.loss, "eval_accuracy": res.metrics.get("accuracy", "")}
+            for proxy, res in results), key=lambda row: str(row["client"]))
+        matrices = []
+        for proxy, res in results:
+            counts = np.frombuffer(res.metrics.get("confusion_matrix", b""), "<i8")
+            size = int(round(np.sqrt(counts.size)))
+            if counts.size == 0 or size * size != counts.size or counts.min() < 0:
+                log(WARNING, "Round %s: client %s sent no valid confusion counts; per-class figures "
+                    "leave it out", server_round, proxy.cid)
+                continue
+            matrices.append(counts.reshape(size, size))
+        if matrices and len({m.shape for m in matrices}) == 1:
+            self.confusion[server_round] = np.sum(matrices, axis=0)

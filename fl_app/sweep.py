@@ -3,9 +3,9 @@ comparing every job.
 
 `python run_simulation.py -m seed=1,2 local_epochs=1,5` checks the configs of all four jobs
 before the first one trains (`SweepCheck`), and writes, next to the job directories,
-`summary.csv`, `summary.md` (one row per job) and `summary.png` (every job's test accuracy
-per round); when jobs ran with central DP, `privacy.png` (final test accuracy against the
-ε each spent). No Flower or TensorFlow here: Hydra loads these callbacks in every run, also
+`summary.csv`, `summary.md` (one row per job) and `summary.png` (every job's accuracy per
+round: on the test set, or the clients' held-out images for a task without one); when jobs
+ran with central DP, `privacy.png` (final accuracy against the ε each spent). No Flower or TensorFlow here: Hydra loads these callbacks in every run, also
 in one that stops at a bad config within a second.
 """
 
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_app.config import to_simulation_config
 from fl_app.config_schema import ConfigError
+from fl_app.data import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,16 @@ COLUMNS = (
     "job",
     "overrides",
     "status",
-    "final_test_accuracy",
-    "best_test_accuracy",
+    "final_accuracy",
+    "best_accuracy",
+    "accuracy_of",  # test set: the server's; clients: their held-out images (no test set)
     "best_round",
     "rounds_to_target",
     "rounds_completed",
     "train_seconds",  # sum of round_seconds: without start-up of Ray and TensorFlow
     "final_epsilon",  # privacy spent (central DP runs only)
 )
-ACCURACY_COLUMNS = {"final_test_accuracy", "best_test_accuracy"}
+ACCURACY_COLUMNS = {"final_accuracy", "best_accuracy"}
 # Hydra's job status; UNKNOWN: the job is running, or was killed.
 STATUS = {JobStatus.COMPLETED.name: "ok", JobStatus.FAILED.name: "failed"}
 
@@ -67,8 +69,8 @@ class SweepCheck(Callback):
         overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
         for num, job in enumerate(BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]):
             try:
-                to_simulation_config(compose(config_name=config.hydra.job.config_name, overrides=job))
-            except ConfigError as err:
+                to_simulation_config(compose(config_name=config.hydra.job.config_name, overrides=job), job)
+            except (ConfigError, DatasetError) as err:
                 log.error("Sweep job %s (%s): %s. No job has run.", num, " ".join(job), err)
                 sys.exit(2)  # Hydra turns exceptions in callbacks into warnings, not this
 
@@ -142,7 +144,7 @@ def summarise(sweep_dir: Path) -> None:
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(_markdown(rows))
     _plot(curves, targets, sweep_dir / "summary.png")
-    private = [row for row in rows if row.get("final_epsilon", "") != "" and row.get("final_test_accuracy", "") != ""]
+    private = [row for row in rows if row.get("final_epsilon", "") != "" and row.get("final_accuracy", "") != ""]
     if private:
         _plot_privacy(private, sweep_dir / "privacy.png")
 
@@ -155,20 +157,28 @@ def _read_job(job_dir: Path) -> tuple[list[dict] | None, float | None]:
     return history, target
 
 
+def accuracy_key(history: list[dict]) -> str:
+    """Where a run's accuracy is in its round records: the server's test accuracy, or for a
+    task without a test set the clients' held-out (federated) accuracy."""
+    return "test_accuracy" if any("test_accuracy" in r for r in history) else "eval_accuracy"
+
+
 def _row(job: dict, label: str, history: list[dict] | None, target: float | None) -> dict:
     row = {"job": job["num"], "overrides": label}
     if history is None:
         return row | {"status": "failed: no metrics.json"}
-    evaluated = [r for r in history if "test_accuracy" in r]
-    best = max(evaluated, key=lambda r: r["test_accuracy"], default={})
+    key = accuracy_key(history)
+    evaluated = [r for r in history if key in r]
+    best = max(evaluated, key=lambda r: r[key], default={})
     if target is None:
         to_target = ""
     else:
-        to_target = next((r["round"] for r in evaluated if r["test_accuracy"] >= target), "not reached")
+        to_target = next((r["round"] for r in evaluated if r[key] >= target), "not reached")
     return row | {
         "status": STATUS.get(job["status"], "not finished"),
-        "final_test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else "",
-        "best_test_accuracy": best.get("test_accuracy", ""),
+        "final_accuracy": evaluated[-1][key] if evaluated else "",
+        "best_accuracy": best.get(key, ""),
+        "accuracy_of": "test set" if key == "test_accuracy" else "clients",
         "best_round": best.get("round", ""),
         "rounds_to_target": to_target,
         "rounds_completed": len(history),
@@ -193,16 +203,19 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def _plot(curves: list[tuple[str, list[dict]]], targets: set[float], path: Path) -> None:
-    """Test accuracy per round, one line per job; dashed lines at the target accuracies."""
+    """Each job's accuracy per round (`accuracy_key`), one line per job; dashed lines at the
+    target accuracies."""
     fig = Figure(figsize=(8, 5))  # not pyplot: no global state; PNG is drawn by Agg
     ax = fig.subplots()
     for label, history in curves:
-        points = [(r["round"], r["test_accuracy"]) for r in history if "test_accuracy" in r]
+        key = accuracy_key(history)
+        points = [(r["round"], r[key]) for r in history if key in r]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
     for target in sorted(targets):
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
-    ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy per round, per job")
+    ax.set(xlabel="round", ylabel="accuracy (test set, or the clients' without one)",
+           title="Accuracy per round, per job")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -212,14 +225,14 @@ def _plot(curves: list[tuple[str, list[dict]]], targets: set[float], path: Path)
 
 
 def _plot_privacy(rows: list[dict], path: Path) -> None:
-    """Final test accuracy against the ε spent, one point per DP job: the trade-off."""
+    """Final accuracy against the ε spent, one point per DP job: the trade-off."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     for row in rows:
-        ax.plot(row["final_epsilon"], row["final_test_accuracy"], marker="o", color="tab:blue")
-        ax.annotate(row["overrides"], (row["final_epsilon"], row["final_test_accuracy"]),
+        ax.plot(row["final_epsilon"], row["final_accuracy"], marker="o", color="tab:blue")
+        ax.annotate(row["overrides"], (row["final_epsilon"], row["final_accuracy"]),
                     fontsize="x-small", textcoords="offset points", xytext=(4, 4))
-    ax.set(xscale="log", xlabel="epsilon spent (log scale)", ylabel="final test accuracy",
+    ax.set(xscale="log", xlabel="epsilon spent (log scale)", ylabel="final accuracy",
            title="Privacy-utility trade-off, one point per job")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

@@ -98,18 +98,63 @@ def run_with_client_fault(tmp_path: Path, partitions: list[int], fault: str,
 
 
 def write_image_folder(root: Path, images, labels, size: tuple[int, int] | None = None,
-                       mode: str = "L", suffix: str = ".png") -> Path:
-    """Write uint8 (N, H, W, 1) images as files root/<label>/<i><suffix>, one folder per
-    class 0..9 (empty ones too), optionally resized and converted (e.g. "RGB")."""
+                       mode: str = "L", suffix: str = ".png", names: tuple[str, ...] | None = None) -> Path:
+    """Write uint8 (N, H, W, 1) images as files root/<name>/<i><suffix>, one folder per
+    class (label i is names[i], by default "0".."9"; empty folders too), optionally resized
+    and converted (e.g. "RGB")."""
     from PIL import Image
 
-    for label in range(10):
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    names = names or tuple(str(label) for label in range(10))
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
     for i, (image, label) in enumerate(zip(images, labels)):
         picture = Image.fromarray(image[..., 0], "L").convert(mode)
         if size:
             picture = picture.resize(size)
-        picture.save(root / str(int(label)) / f"{i:06d}{suffix}")  # sorted = written order
+        picture.save(root / names[int(label)] / f"{i:06d}{suffix}")  # sorted = written order
+    return root
+
+
+# A task of our own: five Fashion-MNIST classes under new names.
+OWN_CLASSES = ("boot", "coat", "dress", "shirt", "trouser")  # sorted, as read from folders
+OWN_TASK_OF_FASHION = {9: 0, 4: 1, 3: 2, 6: 3, 1: 4}  # Fashion-MNIST label -> our label
+# Each party as it might be: its own image size, colour mode and file type, its own number of
+# images; the third holds no "dress".
+OWN_PARTIES = {
+    "hospital_a": dict(size=(64, 64), mode="RGB", suffix=".png", count=500),
+    "hospital_b": dict(size=(40, 36), mode="L", suffix=".jpg", count=350),
+    "lab_c": dict(size=None, mode="RGB", suffix=".jpg", count=250, without="dress"),
+}
+
+
+def own_task_images(data_root: Path, count: int, start: int, split: str = "train"):
+    """`count` Fashion-MNIST images of the five classes from row `start` on, relabelled."""
+    import numpy as np
+
+    from fl_app.data import load_dataset
+
+    x_train, y_train, x_test, y_test = load_dataset("fashion_mnist", data_root)
+    x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+    rows = np.flatnonzero(np.isin(y, list(OWN_TASK_OF_FASHION)))[start:start + count]
+    return x[rows], np.array([OWN_TASK_OF_FASHION[int(label)] for label in y[rows]])
+
+
+def write_own_task(root: Path, data_root: Path, test_images: int = 0) -> Path:
+    """root/clients/<party>/<class>/ as OWN_PARTIES says, and with `test_images` a test set
+    in root/test/; returns root."""
+    start = 0
+    for party, spec in OWN_PARTIES.items():
+        x, y = own_task_images(data_root, spec["count"], start)
+        start += spec["count"]
+        if "without" in spec:
+            keep = y != OWN_CLASSES.index(spec["without"])
+            x, y = x[keep], y[keep]
+        write_image_folder(root / "clients" / party, x, y, spec["size"], spec["mode"], spec["suffix"],
+                           names=OWN_CLASSES)
+        if "without" in spec:
+            (root / "clients" / party / spec["without"]).rmdir()
+    if test_images:
+        write_image_folder(root / "test", *own_task_images(data_root, test_images, 0, "test"), names=OWN_CLASSES)
     return root
 
 
@@ -125,3 +170,24 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         tag: [(event.step, float(make_ndarray(event.tensor_proto))) for event in events.Tensors(tag)]
         for tag in events.PluginTagToContent("scalars")
     }
+
+
+def mnist_task(data_root: Path):
+    """The built-in MNIST task, its files in `data_root`."""
+    from fl_app.config_schema import DatasetConfig
+    from fl_app.task import task_of
+
+    return task_of(DatasetConfig("mnist", str(data_root), val_fraction=0.1))
+
+
+def predict(capsys, *args) -> tuple[int, str, str]:
+    """fl_app.predict as its command line runs it: (exit code, stdout, stderr)."""
+    from fl_app.predict import main
+
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -124,7 +124,7 @@ def test_cli_rejects_unknown_dataset_group(tmp_path):
 def test_cli_help_lists_groups_and_keys():
     result = run_simulation_cli("--help", timeout=120)
     assert result.returncode == 0
-    for text in ("dataset: cifar10, fashion_mnist, mnist", "strategy: fedadagrad, fedadam",
+    for text in ("dataset: cifar10, fashion_mnist, image_folder, mnist", "strategy: fedadagrad, fedadam",
                  "partitioner: dirichlet, iid, pathological, quantity_skew", "num_clients", "fraction_fit", "resume"):
         assert text in result.stdout, text
 

@@ -3,14 +3,16 @@ partners start them (TLS, registered keys), runs submitted with `flwr run`, and 
 a federation must survive. Each test has its own SuperLink, keys and ports, and stops
 every process it started, even on failure."""
 
+import csv
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import read_history, write_image_folder
+from conftest import OWN_CLASSES, OWN_PARTIES, read_history, write_own_task
 
-from fl_app.data import load_dataset
 from fl_app.local_federation import FederationError, LocalFederation
 
 pytestmark = pytest.mark.slow  # every test starts real SuperLink and SuperNode processes
@@ -40,31 +42,44 @@ def wait_until(condition, timeout, what):
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def digits(data_root):
-    x_train, y_train = load_dataset("mnist", data_root)[:2]
-    return x_train[-1000:], y_train[-1000:]  # rows no partition node above holds
+def check_node(node_config: str, overrides: str) -> subprocess.CompletedProcess:
+    """`python -m fl_app.check_node` as a partner runs it before starting its SuperNode."""
+    return subprocess.run([sys.executable, "-m", "fl_app.check_node", "--node-config", node_config,
+                           "--overrides", overrides], capture_output=True, text=True, timeout=300)
 
 
-def test_partners_train_over_tls_one_with_its_own_images_one_with_bad_data(federation, tmp_path, digits):
-    own = write_image_folder(tmp_path / "hospital", *digits, size=(36, 36), mode="RGB")
-    bad = write_image_folder(tmp_path / "lab", *(a[:20] for a in digits))
-    (bad / "cat").mkdir()  # a class the federation does not have
-    start_nodes(federation, a=NODE.format(0), b=f'image-dir="{own}"', c=f'image-dir="{bad}"')
+def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alone(federation, tmp_path, data_root):
+    # Three partners, each with its own folder of a five-class task and its own name; no test
+    # set anywhere. The third holds a class folder the task does not have.
+    clients = write_own_task(tmp_path / "task", data_root) / "clients"
+    (clients / "lab_c" / "cat").mkdir()
+    task = (f"mode=deployment dataset=image_folder dataset.classes=[{','.join(OWN_CLASSES)}] "
+            "dataset.image_size=[32,32] dataset.channels=1")
+    node = 'image-dir="{}" name="{}"'
+
+    checked = check_node(node.format(clients / "hospital_a", "hospital_a"), task)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert "OK: 400 training and 100 held-out images of the image_folder task's 5 classes" in checked.stdout
+    refused = check_node(node.format(clients / "lab_c", "lab_c"), task)
+    assert refused.returncode == 1 and "unknown class folder(s) cat" in refused.stderr
+
+    start_nodes(federation, **{party: node.format(clients / party, party) for party in OWN_PARTIES})
     out = tmp_path / "out"
-    log = federation.run(
-        f"mode=deployment num_rounds=2 num_clients=3 min_fit_clients=2 fraction_evaluate=0 "
-        f"min_evaluate_clients=0 output_dir={out}"
-    )
+    log = federation.run(f"{task} num_rounds=2 local_epochs=2 min_fit_clients=2 min_evaluate_clients=2 "
+                         f"output_dir={out}")
     history = read_history(out)
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
         assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
-    assert history[-1]["test_accuracy"] > 0.8, history[-1]
+    assert "test_accuracy" not in history[-1] and history[-1]["eval_accuracy"] > 0.6, history[-1]
     # The coordinator sees why the third partner failed; its data never reached training.
     assert "a client failed to train" in log and "unknown class folder(s) cat" in log
+    with open(out / "clients.csv") as f:
+        assert {row["client"] for row in csv.DictReader(f)} == {"hospital_a", "hospital_b"}
+    with open(out / "per_class.csv") as f:
+        assert [row["class"] for row in csv.DictReader(f)][:5] == list(OWN_CLASSES)
     names = {p.name for p in out.iterdir()}
-    assert {"model.keras", "metrics.png", "checkpoint.npz"} <= names
+    assert {"model.keras", "metrics.png", "checkpoint.npz", "confusion_matrix.png"} <= names
     assert "partitions.json" not in names  # in deployment the server does not know the data
     assert "name: deployment" in (out / "config.yaml").read_text()
 

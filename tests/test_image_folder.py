@@ -1,13 +1,14 @@
 """A party's own image folder: conversion to the model's input, and every kind of bad folder."""
 
 import re
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import mnist_task, write_image_folder
 
+from fl_app.client_app import load_node_data
+from fl_app.config import compose_config
 from fl_app.data import DatasetError, class_names, load_dataset
 from fl_app.image_folder import load_image_folder
 from fl_app.partition import load_own_images
@@ -54,11 +55,10 @@ def test_other_files_and_hidden_entries_are_ignored(tmp_path, digits):
     "damage, fragment",
     [
         (lambda root: (root / "cats").mkdir(), "unknown class folder(s) cats"),
-        (lambda root: (root / "7").rename(root.parent / "seven"), "no folder for class(es) 7"),
         (lambda root: (root / "2" / "broken.png").write_bytes(b"\x89PNG not really"),
          "broken.png: cannot be read as an image"),
     ],
-    ids=["unknown class", "missing class", "unreadable image"],
+    ids=["unknown class", "unreadable image"],
 )
 def test_bad_folders_say_what_and_where(tmp_path, digits, damage, fragment):
     root = write_image_folder(tmp_path / "own", *digits)
@@ -83,34 +83,29 @@ def test_class_set_of_another_dataset_is_refused(tmp_path, digits):
         load_image_folder(root, class_names("cifar10"), (32, 32, 3))
 
 
-def test_own_images_are_split_into_train_and_held_out(tmp_path, digits):
+def test_a_class_a_party_does_not_hold_needs_no_folder(tmp_path, digits):
     root = write_image_folder(tmp_path / "own", *digits)
-    data = load_own_images(str(root), "mnist", 0.25, 7)
+    held = len(list((root / "7").iterdir()))
+    shutil.rmtree(root / "7")
+    images, labels = load_image_folder(root, MNIST_CLASSES, (28, 28, 1))
+    assert len(labels) == 40 - held and 7 not in labels and labels.max() == 9
+
+
+def test_own_images_are_split_into_train_and_held_out(tmp_path, digits, data_root):
+    root = write_image_folder(tmp_path / "own", *digits)
+    data = load_own_images(str(root), mnist_task(data_root), 0.25, 7)
     assert (len(data.y_train), len(data.y_val)) == (30, 10)
     assert data.x_train.dtype == np.float32 and data.x_train.max() <= 1.0
     np.testing.assert_array_equal(np.sort(np.concatenate([data.y_train, data.y_val])), np.sort(digits[1]))
 
     one = tmp_path / "one"
     write_image_folder(one, *(a[:1] for a in digits))
-    with pytest.raises(DatasetError, match="leave none to train on"):
-        load_own_images(str(one), "mnist", 0.9, 7)
+    with pytest.raises(DatasetError, match="too few for a training and a held-out part"):
+        load_own_images(str(one), mnist_task(data_root), 0.9, 7)
 
 
-@pytest.mark.slow
-def test_check_node_reports_a_good_folder_and_stops_on_a_bad_one(tmp_path, digits):
-    root = write_image_folder(tmp_path / "own", *digits)
-
-    def check(node_config):
-        return subprocess.run(
-            [sys.executable, "-m", "fl_app.check_node", "--node-config", node_config,
-             "--overrides", "dataset.val_fraction=0.25"],
-            capture_output=True, text=True, timeout=300,
-        )
-
-    good = check(f'image-dir="{root}"')
-    assert good.returncode == 0, good.stderr[-2000:]
-    assert "OK: 30 training and 10 held-out images" in good.stdout
-    (root / "4" / "torn.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    bad = check(f'image-dir="{root}"')
-    assert bad.returncode == 1 and f"{root / '4' / 'torn.jpg'}: cannot be read" in bad.stderr
-    assert "names no local data" in check("foo=1").stderr
+def test_a_node_config_that_names_no_data_says_how_to(data_root):
+    with pytest.raises(DatasetError, match="names no local data"):
+        load_node_data({"foo": 1}, compose_config())
+    with pytest.raises(DatasetError, match="outside 0..1"):
+        load_node_data({"partition-id": 2, "num-partitions": 2}, compose_config())

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import mnist_task
 
 from fl_app import model as keras_model
 from fl_app.partition import load_client_data
@@ -23,36 +24,36 @@ MNIST_SHAPE = (28, 28, 1)
     ],
 )
 def test_models_have_their_papers_parameter_counts(name, params, layers):
-    model = keras_model.MODELS[name](MNIST_SHAPE)
+    model = keras_model.MODELS[name](MNIST_SHAPE, 10)
     assert model.count_params() == params
     assert [layer.__class__.__name__ for layer in model.layers] == layers
 
 
 @pytest.mark.parametrize("name", sorted(keras_model.MODELS))
 def test_models_take_colour_images(name):
-    model = keras_model.MODELS[name]((32, 32, 3))
+    model = keras_model.MODELS[name]((32, 32, 3), 10)
     assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
 
 
 def test_initial_weights_are_fixed_by_the_seed():
-    a = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 7)
-    b = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 7)
-    c = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 8)
+    a = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 7)
+    b = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 7)
+    c = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 8)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
 
 
 def test_training_learns_and_is_reproducible(data_root):
-    data = load_client_data("mnist", str(data_root), "iid", 0, 30, 0.1, seed=0)  # 1,800 images
-    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "adam", LOSS, 0.002)
-    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    data = load_client_data(mnist_task(data_root), "iid", 0, 30, 0.1, seed=0)  # 1,800 images
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, 10, "adam", LOSS, 0.002)
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 0)
     runs = []
     for _ in range(2):
         model.set_weights(start)
         metrics = keras_model.train(model, data.x_train, data.y_train, epochs=1, batch_size=32,
                                     learning_rate=0.002, seed=5)
         runs.append((metrics, model.get_weights()))
-    loss, accuracy = keras_model.evaluate(model, data.x_val, data.y_val, batch_size=256)
+    _, accuracy, _ = keras_model.evaluate(model, data.x_val, data.y_val, batch_size=256)
     assert accuracy > 0.8, accuracy
     # Optimizer state is reset per fit: the same start, data and seed give the same weights.
     assert runs[0][0] == runs[1][0]
@@ -74,7 +75,7 @@ def test_local_epochs_are_full_passes_each_in_a_new_order():
 
 def train_from(start, data, proximal: bool, mu: float, steps_per_execution: int = 1):
     """Weights after 2 SGD epochs from `start`, and their distance from it."""
-    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05, proximal=proximal,
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, 10, "sgd", LOSS, 0.05, proximal=proximal,
                                     steps_per_execution=steps_per_execution)
     model.set_weights(start)
     keras_model.train(model, data.x_train, data.y_train, epochs=2, batch_size=32,
@@ -85,18 +86,20 @@ def train_from(start, data, proximal: bool, mu: float, steps_per_execution: int 
 
 def test_evaluation_in_batches_equals_keras_evaluate(data_root):
     # 600 images in batches of 256: the last, short batch must weigh by its size.
-    data = load_client_data("mnist", str(data_root), "iid", 0, 10, 0.1, seed=0)
-    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.01)
-    model.set_weights(keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0))
+    data = load_client_data(mnist_task(data_root), "iid", 0, 10, 0.1, seed=0)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, 10, "sgd", LOSS, 0.01)
+    model.set_weights(keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 0))
     expected = model.evaluate(data.x_val, data.y_val, batch_size=256, verbose=0)
-    assert np.allclose(keras_model.evaluate(model, data.x_val, data.y_val, 256), expected, rtol=1e-6)
+    loss, accuracy, predicted = keras_model.evaluate(model, data.x_val, data.y_val, 256)
+    assert np.allclose((loss, accuracy), expected, rtol=1e-6)
+    assert np.array_equal(predicted, model.predict(data.x_val, verbose=0).argmax(axis=1))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         keras_model.evaluate(model, data.x_val[:0], data.y_val[:0], 256)
 
 
 def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(data_root):
-    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)  # 540 images
-    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    data = load_client_data(mnist_task(data_root), "iid", 3, 100, 0.1, seed=0)  # 540 images
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 0)
     plain, plain_distance = train_from(start, data, proximal=False, mu=0.0)
     mu_zero, mu_zero_distance = train_from(start, data, proximal=True, mu=0.0)
     # The proximal model exchanges exactly the plain model's weights, and mu=0 changes nothing.
@@ -107,8 +110,8 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(da
 
 
 def test_steps_per_execution_changes_the_speed_not_the_weights(data_root):
-    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)  # 17 batches an epoch
-    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
+    data = load_client_data(mnist_task(data_root), "iid", 3, 100, 0.1, seed=0)  # 17 batches an epoch
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 0)
     for proximal, mu in ((False, 0.0), (True, 0.1)):
         one_by_one = train_from(start, data, proximal, mu)[0]
         for steps in (5, 64):  # neither divides 17
@@ -117,12 +120,12 @@ def test_steps_per_execution_changes_the_speed_not_the_weights(data_root):
 
 
 def test_adam_runs_as_one_fused_kernel_with_keras_adams_arithmetic_and_saves_as_keras_adam(data_root, tmp_path):
-    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)
+    data = load_client_data(mnist_task(data_root), "iid", 3, 100, 0.1, seed=0)
     x, y = data.x_train[:50], data.y_train[:50]  # 5 steps of B=10
-    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 0)
-    fused = keras_model.build_model("seed_cnn", MNIST_SHAPE, "adam", LOSS, 0.002)
+    start = keras_model.initial_weights("seed_cnn", MNIST_SHAPE, 10, 0)
+    fused = keras_model.build_model("seed_cnn", MNIST_SHAPE, 10, "adam", LOSS, 0.002)
     assert "update_step" in vars(fused.optimizer)  # the fused step replaces Keras' own
-    stock = keras_model.MODELS["seed_cnn"](MNIST_SHAPE)
+    stock = keras_model.MODELS["seed_cnn"](MNIST_SHAPE, 10)
     stock.compile(optimizer=keras.optimizers.Adam(0.002), loss=LOSS, metrics=["accuracy"])
     trained = []
     for model in (fused, stock):
@@ -140,8 +143,8 @@ def test_adam_runs_as_one_fused_kernel_with_keras_adams_arithmetic_and_saves_as_
 
 
 def test_proximal_mu_without_a_proximal_model_is_refused(data_root):
-    data = load_client_data("mnist", str(data_root), "iid", 3, 100, 0.1, seed=0)
-    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, "sgd", LOSS, 0.05)
+    data = load_client_data(mnist_task(data_root), "iid", 3, 100, 0.1, seed=0)
+    model = keras_model.build_model("seed_cnn", MNIST_SHAPE, 10, "sgd", LOSS, 0.05)
     with pytest.raises(ValueError, match="proximal=True"):
         keras_model.train(model, data.x_train, data.y_train, epochs=1, batch_size=32,
                           learning_rate=0.05, seed=1, proximal_mu=0.1)

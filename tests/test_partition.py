@@ -3,9 +3,11 @@ determinism, and each client's local split."""
 
 import numpy as np
 import pytest
+from conftest import mnist_task
 
 from fl_app.config_schema import ConfigError
-from fl_app.partition import Split, iid, load_client_data, load_test_set
+from fl_app.partition import Split, iid, load_client_data
+from fl_app.task import central_test_set
 
 LABELS = np.arange(60_000) % 10
 
@@ -25,7 +27,7 @@ def test_iid_partitions_depend_on_the_seed_only():
 
 
 def test_client_gets_only_its_partition_split_into_train_and_held_out(data_root):
-    args = dict(name="mnist", data_dir=str(data_root), partitioner="iid", num_partitions=10,
+    args = dict(task=mnist_task(data_root), partitioner="iid", num_partitions=10,
                 val_fraction=0.1, seed=0)
     a = load_client_data(partition_id=0, **args)
     b = load_client_data(partition_id=1, **args)
@@ -40,7 +42,7 @@ def test_client_gets_only_its_partition_split_into_train_and_held_out(data_root)
 
 
 def test_test_set_is_the_full_scaled_test_split(data_root):
-    x, y = load_test_set("mnist", str(data_root))
+    x, y = central_test_set(mnist_task(data_root))
     assert x.shape == (10_000, 28, 28, 1) and y.shape == (10_000,)
 
 
@@ -65,7 +67,7 @@ def test_every_split_is_disjoint_complete_and_fixed_by_the_seed(name):
 
 
 def test_pathological_split_gives_each_client_two_label_shards_as_in_the_paper():
-    counts = Split(SHUFFLED, "pathological", 100, 1, shards_per_client=2).label_counts()
+    counts = Split(SHUFFLED, "pathological", 100, 1, shards_per_client=2).label_counts(10)
     assert np.all(counts.sum(axis=1) == 600)  # 200 shards of 300, two per client
     labels_held = (counts > 0).sum(axis=1)
     # A shard can straddle two labels (class sizes are not multiples of 300).
@@ -74,7 +76,7 @@ def test_pathological_split_gives_each_client_two_label_shards_as_in_the_paper()
 
 def test_dirichlet_alpha_sets_the_label_skew():
     def labels_per_client(alpha):
-        counts = Split(SHUFFLED, "dirichlet", 50, 1, alpha=alpha, min_partition_size=10).label_counts()
+        counts = Split(SHUFFLED, "dirichlet", 50, 1, alpha=alpha, min_partition_size=10).label_counts(10)
         assert counts.sum(axis=1).min() >= 10
         return (counts / counts.sum(axis=1, keepdims=True) > 0.02).sum(axis=1).mean()
 
@@ -82,7 +84,7 @@ def test_dirichlet_alpha_sets_the_label_skew():
 
 
 def test_quantity_skew_varies_sizes_but_not_labels():
-    counts = Split(SHUFFLED, "quantity_skew", 50, 1, alpha=0.5, min_partition_size=10).label_counts()
+    counts = Split(SHUFFLED, "quantity_skew", 50, 1, alpha=0.5, min_partition_size=10).label_counts(10)
     sizes = counts.sum(axis=1)
     assert sizes.min() >= 10 and sizes.max() > 5 * np.median(sizes) / 2
     big = counts[sizes >= 1000]
@@ -101,7 +103,7 @@ def test_settings_the_training_set_cannot_meet_fail_naming_their_keys(name, clie
 
 
 def test_non_iid_client_data_is_its_partition(data_root):
-    args = dict(name="mnist", data_dir=str(data_root), partitioner="pathological", num_partitions=100,
+    args = dict(task=mnist_task(data_root), partitioner="pathological", num_partitions=100,
                 val_fraction=0.1, seed=0, shards_per_client=2)
     data = load_client_data(partition_id=5, **args)
     assert len(data.x_train) + len(data.x_val) == 600

@@ -9,12 +9,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import predict, write_image_folder
 from PIL import Image
 
 from fl_app.data import class_names, load_dataset, scale_images
 from fl_app.model import build_model
-from fl_app.predict import main
 
 MNIST = class_names("mnist")
 
@@ -31,22 +30,11 @@ def trained(tmp_path_factory, data_root):
     """(model.keras, the model): the 2NN after one epoch on 5,000 MNIST images, saved."""
     x_train, y_train = load_dataset("mnist", data_root)[:2]
     keras.utils.set_random_seed(0)
-    model = build_model("mcmahan_2nn", (28, 28, 1), "adam", "sparse_categorical_crossentropy", 0.002)
+    model = build_model("mcmahan_2nn", (28, 28, 1), 10, "adam", "sparse_categorical_crossentropy", 0.002)
     model.fit(scale_images(x_train[:5000]), y_train[:5000], epochs=1, batch_size=32, verbose=0)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     return path, model
-
-
-def predict(capsys, *args) -> tuple[int, str, str]:
-    """fl_app.predict as its command line runs it: (exit code, stdout, stderr)."""
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_classifies_a_folder_and_a_colour_image_skipping_a_corrupt_one(tmp_path, capsys, trained, digits):

@@ -119,7 +119,7 @@ def client_reply(privacy_overrides, fit_ins):
 
 
 def seed_cnn_weights():
-    return keras_model.initial_weights("seed_cnn", (28, 28, 1), seed=0)
+    return keras_model.initial_weights("seed_cnn", (28, 28, 1), 10, seed=0)
 
 
 FIT_CONFIG = {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.1}
@@ -291,7 +291,7 @@ def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(t
     run = ["num_clients=4", "min_fit_clients=2", "fraction_evaluate=0", "dataset.val_fraction=0.8",
            "privacy=central_dp", "privacy.noise_multiplier=0.1", "privacy.clipping_norm=1.0", f"output_dir={out}"]
     run_with_client_fault(tmp_path, [0, 1], "train", *run, "num_rounds=1")
-    start = keras_model.initial_weights("seed_cnn", (28, 28, 1), seed=42)
+    start = keras_model.initial_weights("seed_cnn", (28, 28, 1), 10, seed=42)
     after = keras.models.load_model(out / "model.keras").get_weights()
     change = np.concatenate([(b - a).ravel() for a, b in zip(start, after)])
     # Noise of std 0.1 x 1.0 / 4 on each weight; the two clipped updates (norm <= 0.5 after

@@ -12,10 +12,10 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, SMALL_RUN, read_history, read_scalars, run_simulation_cli, run_with_client_fault
+from conftest import REPO, SMALL_RUN, mnist_task, read_history, read_scalars, run_simulation_cli, run_with_client_fault
 from PIL import Image
 
-from fl_app.partition import load_test_set
+from fl_app.task import central_test_set
 
 OUTPUT_FILES = {"config.yaml", "metrics.json", "metrics.csv", "metrics.png", "model.keras",
                 "checkpoint.npz", "partitions.json", "partitions.png", "model_summary.txt",
@@ -51,7 +51,7 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
 
     # The saved model is the final global model: same accuracy on the test set.
     model = keras.models.load_model(run_dir / "model.keras")
-    x_test, y_test = load_test_set("mnist", str(data_root))
+    x_test, y_test = central_test_set(mnist_task(data_root))
     _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-4)
 

@@ -36,8 +36,8 @@ def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
     for row in rows:
         history = json.loads((tmp_path / row["job"] / "metrics.json").read_text())
         accuracies = [r["test_accuracy"] for r in history]
-        assert float(row["final_test_accuracy"]) == accuracies[-1]
-        assert float(row["best_test_accuracy"]) == max(accuracies)
+        assert float(row["final_accuracy"]) == accuracies[-1]
+        assert float(row["best_accuracy"]) == max(accuracies)
         assert int(row["best_round"]) == accuracies.index(max(accuracies)) + 1
         assert int(row["rounds_completed"]) == len(history)
         assert float(row["train_seconds"]) == round(sum(r["round_seconds"] for r in history), 1)
@@ -61,7 +61,7 @@ def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(
     assert [(r["overrides"], r["status"], r["rounds_completed"]) for r in rows] == [
         ("seed=1", "ok", "1"), ("seed=2", "ok", "1")
     ]
-    assert all(float(r["final_test_accuracy"]) > 0.8 for r in rows)
+    assert all(float(r["final_accuracy"]) > 0.8 for r in rows)
     assert_plot(tmp_path)
     for job, seed in (("0", 1), ("1", 2)):
         assert f"seed: {seed}" in (tmp_path / job / "config.yaml").read_text()
@@ -128,7 +128,7 @@ def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
 
     summarise(tmp_path)
 
-    fields = ("job", "overrides", "status", "final_test_accuracy", "best_test_accuracy",
+    fields = ("job", "overrides", "status", "final_accuracy", "best_accuracy",
               "best_round", "rounds_to_target", "rounds_completed", "train_seconds")
     assert [tuple(row[f] for f in fields) for row in read_summary(tmp_path)] == [
         ("0", "seed=0", "ok", "0.92", "0.92", "2", "2", "2", "2.5"),
@@ -139,9 +139,9 @@ def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
     ]
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0].startswith("| job | overrides | status |") and len(markdown) == 2 + 5
-    assert markdown[3] == "| 1 | seed=1 | ok | 0.8800 | 0.9000 | 1 | not reached | 3 | 3.8 | - |"
-    assert markdown[4] == "| 2 | seed=2 | failed: no metrics.json | - | - | - | - | - | - | - |"
-    assert markdown[6] == "| 10 | seed=10 | ok | 0.7000 | 0.7000 | 3 | - | 3 | 3.8 | - |"
+    assert markdown[3] == "| 1 | seed=1 | ok | 0.8800 | 0.9000 | test set | 1 | not reached | 3 | 3.8 | - |"
+    assert markdown[4] == "| 2 | seed=2 | failed: no metrics.json | - | - | - | - | - | - | - | - |"
+    assert markdown[6] == "| 10 | seed=10 | ok | 0.7000 | 0.7000 | test set | 3 | - | 3 | 3.8 | - |"
     assert_plot(tmp_path)
     assert not (tmp_path / "privacy.png").exists()  # no job ran with DP
 
