@@ -61,6 +61,7 @@ class KerasClient(NumPyClient):
             seed=int(seeds.generate_state(1)[0]),
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
         )
+        metrics["client"] = self.name
         if self.partition_id is not None:
             metrics["partition_id"] = self.partition_id
         num_examples = len(self.data.x_train)

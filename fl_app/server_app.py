@@ -123,7 +123,12 @@ def run_header(cfg: AppConfig, task: Task, num_params: int, sampled: int, output
     """What the run trains, on what, how and where its outputs go: the console's first lines."""
     privacy = [name for name, on in (("SecAgg+", cfg.privacy.secagg),
                                      (f"DP {cfg.privacy.dp}", cfg.privacy.dp != "none")) if on]
-    measured = "" if has_test_set else "\nNo test set: the clients' held-out images measure the run"
+    if has_test_set:
+        measured = ""
+    elif cfg.fraction_evaluate > 0:
+        measured = "\nNo test set: the clients' held-out images measure the run"
+    else:
+        measured = "\nNo test set and fraction_evaluate=0: nothing measures the run's accuracy"
     return (f"{cfg.model.name} ({num_params:,} parameters) on {cfg.dataset.name} "
             f"({'x'.join(map(str, task.image_shape))}, {len(task.classes)} classes) | "
             f"{cfg.strategy.name}, {sampled} of {cfg.num_clients} clients a round, {cfg.num_rounds} rounds | "

@@ -219,7 +219,8 @@ class ValidatedStrategy(Strategy):
             if res.num_examples < 1:
                 problem = f"num_examples is {res.num_examples}"
             if problem:
-                log(WARNING, "Round %s: rejected update of client %s: %s", server_round, proxy.cid, problem)
+                log(WARNING, "Round %s: rejected update of client %s: %s", server_round,
+                    res.metrics.get("client", proxy.cid), problem)
                 rejected.append((proxy, res))
             else:
                 valid.append((proxy, res))

@@ -65,13 +65,11 @@ def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alon
 
     start_nodes(federation, **{party: node.format(clients / party, party) for party in OWN_PARTIES})
     out = tmp_path / "out"
-    log = federation.run(f"{task} num_rounds=2 local_epochs=2 min_fit_clients=2 min_evaluate_clients=2 "
+    log = federation.run(f"{task} num_rounds=1 local_epochs=2 min_fit_clients=2 min_evaluate_clients=2 "
                          f"output_dir={out}")
-    history = read_history(out)
-    assert [r["round"] for r in history] == [1, 2]
-    for record in history:
-        assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
-    assert "test_accuracy" not in history[-1] and history[-1]["eval_accuracy"] > 0.6, history[-1]
+    (record,) = read_history(out)
+    assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
+    assert "test_accuracy" not in record and record["eval_accuracy"] > 0.6, record
     # The coordinator sees why the third partner failed; its data never reached training.
     assert "a client failed to train" in log and "unknown class folder(s) cat" in log
     with open(out / "clients.csv") as f:

@@ -55,9 +55,12 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     # Also the test of reproducibility: two runs, separate processes, the same seed.
     out = tmp_path / "run"
     # Each client trains on 4,000 images (80 % of its third held out, unused): quick, still learns.
-    overrides = f"num_rounds=2 num_clients=3 fraction_evaluate=0 seed=3 dataset.val_fraction=0.8 output_dir={out}"
+    overrides = f"num_rounds=2 fraction_evaluate=0 seed=3 dataset.val_fraction=0.8 output_dir={out}"
     result = flwr_run(flwr_env, overrides, supernodes=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # num_clients left at its default (10) follows the federation, without a warning.
+    assert "num_clients follows the federation: 3 SuperNodes" in result.stdout
+    assert "was given, but the federation has" not in result.stdout
     history = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2]
     assert history[-1]["clients_succeeded"] == 3
@@ -70,7 +73,7 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     # The other door, same overrides: the same composed config and the same rounds, bit for
     # bit (every client trains each round, so which virtual node is sampled cannot differ).
     other = tmp_path / "run_simulation"
-    result = run_simulation_cli(*overrides.split()[:-1], f"output_dir={other}")
+    result = run_simulation_cli("num_clients=3", *overrides.split()[:-1], f"output_dir={other}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (other / "config.yaml").read_text().replace(str(other), str(out)) == (
         out / "config.yaml"
@@ -80,13 +83,11 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     assert via_cli == [[r[k] for k in keys] for r in history]
 
 
-@pytest.mark.parametrize("num_clients", [None, 10])
-def test_central_dp_under_flwr_run_accounts_for_the_federation_that_ran(tmp_path, flwr_env, num_clients):
-    """3 SuperNodes, num_clients left at its default (10) or given as 10: the federation's
-    size replaces it (with a warning when it was given), and each record says what happened."""
+def test_central_dp_under_flwr_run_accounts_for_the_federation_that_ran(tmp_path, flwr_env):
+    """3 SuperNodes, num_clients given as 10: the federation's size replaces it, with a
+    warning, and each record says what happened."""
     out = tmp_path / "run"
-    given = "" if num_clients is None else f"num_clients={num_clients} "
-    overrides = (f"{given}num_rounds=1 fraction_evaluate=0 dataset.val_fraction=0.8 privacy=central_dp "
+    overrides = ("num_clients=10 num_rounds=1 fraction_evaluate=0 dataset.val_fraction=0.8 privacy=central_dp "
                  f"privacy.noise_multiplier=1.0 output_dir={out}")
     result = flwr_run(flwr_env, overrides, supernodes=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -97,5 +98,4 @@ def test_central_dp_under_flwr_run_accounts_for_the_federation_that_ran(tmp_path
     accountant.compose(dp_event.SampledWithoutReplacementDpEvent(3, 3, dp_event.GaussianDpEvent(0.5)))
     assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert "num_clients: 3" in (out / "config.yaml").read_text()
-    warned = "num_clients=10 was given, but the federation has 3 SuperNodes" in result.stdout
-    assert warned == (num_clients is not None), result.stdout[-3000:]
+    assert "num_clients=10 was given, but the federation has 3 SuperNodes" in result.stdout, result.stdout[-3000:]

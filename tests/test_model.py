@@ -30,9 +30,10 @@ def test_models_have_their_papers_parameter_counts(name, params, layers):
 
 
 @pytest.mark.parametrize("name", sorted(keras_model.MODELS))
-def test_models_take_colour_images(name):
-    model = keras_model.MODELS[name]((32, 32, 3), 10)
-    assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
+@pytest.mark.parametrize("shape, classes", [((32, 32, 3), 10), ((48, 40, 3), 3), ((20, 24, 1), 7)])
+def test_models_build_for_any_task(name, shape, classes):
+    model = keras_model.MODELS[name](shape, classes)
+    assert model.predict(np.zeros((2, *shape), np.float32), verbose=0).shape == (2, classes)
 
 
 def test_initial_weights_are_fixed_by_the_seed():
