@@ -1,11 +1,12 @@
 """ClientApp: a Flower NumPyClient that trains the Keras model on one party's data.
 
-Each Flower worker process builds its Keras model once (`_worker_model`) and serves every
+Each Flower worker process builds its Keras model once (`worker_model`) and serves every
 virtual client it runs with it; each client loads only its own data: a partition of the
 configured dataset, or (deployment) the institution's own image folder.
 """
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -27,76 +28,124 @@ from fl_app.partition import ClientData, load_client_data, load_own_images
 from fl_app.task import task_of
 
 
+class WorkerModel(NamedTuple):
+    """A worker process's compiled model. With a frozen backbone (`model.train=head`) also
+    the backbone alone, which gives each client's features once, and the head, which trains
+    on them (`keras_model.head_on_features`)."""
+
+    model: keras.Model
+    frozen: bool
+    backbone: keras.Model | None = None
+    head: keras.Model | None = None
+
+
+# (frozen backbone's digest, client, split) -> the backbone's features of those images: a
+# frozen backbone gives the same features every round, so each client computes them once.
+_features: dict[tuple[str, str, str], np.ndarray] = {}
+
+
 class KerasClient(NumPyClient):
     """One party: trains on its local split, evaluates on its held-out split.
 
     `name` says which party it is in the server's per-party table (clients.csv).
     """
 
-    def __init__(self, model: keras.Model, data: ClientData, name: str, partition_id: int | None,
+    def __init__(self, worker: WorkerModel, data: ClientData, name: str, partition_id: int | None,
                  cfg: AppConfig):
-        self.model = model
+        self.worker = worker
         self.data = data
         self.name = name
         self.partition_id = partition_id
         self.cfg = cfg
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return self.model.get_weights()
+        return keras_model.exchanged_weights(self.worker.model, self.worker.frozen)
+
+    def _learner(self, split: str) -> tuple[keras.Model, np.ndarray]:
+        """What trains or evaluates on `split` ("train", "val"), and its input: the whole
+        model on the images, or the head on the frozen backbone's features of them."""
+        images = self.data.x_train if split == "train" else self.data.x_val
+        if not self.worker.frozen:
+            return self.worker.model, images
+        key = (keras_model.frozen_digest(self.worker.model), self.name, split)
+        if key not in _features:
+            _features[key] = keras_model.features(self.worker.backbone, images, self.cfg.eval_batch_size)
+        return self.worker.head, _features[key]
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        self.model.set_weights(parameters)
+        keras_model.set_exchanged_weights(self.worker.model, parameters, self.worker.frozen)
+        learner, inputs = self._learner("train")
         # Same seed, round and party give the same batches: runs are reproducible.
         party = [] if self.partition_id is None else [self.partition_id]
         seeds = np.random.SeedSequence([self.cfg.seed, int(config["server_round"]), *party])
         metrics = keras_model.train(
-            self.model,
-            self.data.x_train,
+            learner,
+            inputs,
             self.data.y_train,
             epochs=int(config["local_epochs"]),
             batch_size=int(config["batch_size"]),
             learning_rate=float(config["learning_rate"]),
             seed=int(seeds.generate_state(1)[0]),
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
+            augment=self.cfg.augment == "light",
         )
         metrics["client"] = self.name
+        if self.worker.frozen:  # the server refuses a head trained on another backbone
+            metrics["frozen_digest"] = keras_model.frozen_digest(self.worker.model)
         if self.partition_id is not None:
             metrics["partition_id"] = self.partition_id
-        num_examples = len(self.data.x_train)
+        num_examples = len(self.data.y_train)
         if self.cfg.privacy.dp in CENTRAL_DP:
             # Central DP's noise assumes every client counts once; SecAgg+ weighs by this
             # figure inside the protocol, so it is set here. The real count is a metric.
             metrics["num_examples"] = num_examples
             num_examples = 1
-        return self.model.get_weights(), num_examples, metrics
+        return self.get_parameters({}), num_examples, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        self.model.set_weights(parameters)
-        result = keras_model.evaluate(self.model, self.data.x_val, self.data.y_val, self.cfg.eval_batch_size)
-        confusion = keras_model.confusion_counts(self.data.y_val, result.predicted, self.model.output_shape[-1])
+        keras_model.set_exchanged_weights(self.worker.model, parameters, self.worker.frozen)
+        learner, inputs = self._learner("val")
+        result = keras_model.evaluate(learner, inputs, self.data.y_val, self.cfg.eval_batch_size)
+        confusion = keras_model.confusion_counts(self.data.y_val, result.predicted, self.worker.model.output_shape[-1])
         # The counts let the server compute per-class figures without seeing an image.
-        return result.loss, len(self.data.x_val), {
+        return result.loss, len(self.data.y_val), {
             "accuracy": result.accuracy,
             "client": self.name,
-            "train_examples": len(self.data.x_train),
+            "train_examples": len(self.data.y_train),
             "confusion_matrix": confusion.astype("<i8").tobytes(),
         }
 
 
-@lru_cache(maxsize=1)
-def _worker_model(name: str, input_shape: tuple[int, int, int], num_classes: int, optimizer: str,
-                  loss: str, num_threads: int, proximal: bool, steps_per_execution: int) -> keras.Model:
-    """One compiled model per worker process, reused by every client it serves.
+def worker_model(cfg: AppConfig) -> WorkerModel:
+    """The worker process's model for `cfg`, built once and reused by every client it serves.
 
-    Its learning rate is set at every fit from the server's fit config.
+    Built with the run's seed, as the server builds its own, so a frozen backbone is the same
+    at every party. Its learning rate is set at every fit from the server's fit config.
     """
+    task = task_of(cfg.dataset)
+    return _cached_worker_model(
+        cfg.model.name, task.image_shape, len(task.classes), cfg.optimizer, cfg.loss,
+        cfg.mode.num_cpus_per_client, cfg.strategy.name == "fedprox",  # FedProx: the proximal term
+        cfg.steps_per_execution, cfg.model.weights, cfg.model.train == "head", cfg.init_from, cfg.seed,
+    )
+
+
+@lru_cache(maxsize=1)
+def _cached_worker_model(name: str, input_shape: tuple[int, int, int], num_classes: int, optimizer: str,
+                         loss: str, num_threads: int, proximal: bool, steps_per_execution: int,
+                         weights: str | None, frozen: bool, init_from: str | None, seed: int) -> WorkerModel:
     keras_model.limit_threads(num_threads)
-    return keras_model.build_model(name, input_shape, num_classes, optimizer, loss, 1e-3, proximal,
-                                   steps_per_execution)
+    keras.utils.set_random_seed(seed)
+    model = keras_model.build_model(name, input_shape, num_classes, optimizer, loss, 1e-3, proximal,
+                                    steps_per_execution, weights=weights, frozen=frozen, init_from=init_from)
+    if not frozen:
+        return WorkerModel(model, frozen)
+    return WorkerModel(model, frozen, *keras_model.head_on_features(model, optimizer, loss, proximal,
+                                                                     steps_per_execution))
 
 
 def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData:
@@ -152,20 +201,10 @@ def node_name(context: Context, cfg: AppConfig) -> str:
 def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     """The client of the node in `context`: its local data and the worker's model."""
     data = load_node_data(context.node_config, cfg)
-    task = task_of(cfg.dataset)
-    model = _worker_model(
-        cfg.model.name,
-        task.image_shape,
-        len(task.classes),
-        cfg.optimizer,
-        cfg.loss,
-        cfg.mode.num_cpus_per_client,
-        proximal=cfg.strategy.name == "fedprox",  # the proximal term in the clients' loss
-        steps_per_execution=cfg.steps_per_execution,
-    )
+    worker = worker_model(cfg)
     partition_id = context.node_config.get("partition-id")  # none for a node's own images
     partition_id = None if partition_id is None else int(partition_id)
-    return KerasClient(model, data, node_name(context, cfg), partition_id, cfg).to_client()
+    return KerasClient(worker, data, node_name(context, cfg), partition_id, cfg).to_client()
 
 
 def privacy_mods(privacy: PrivacyConfig) -> list[Mod]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fl_app.config_schema import AppConfig, ConfigError
-from fl_app.task import settle
+from fl_app.task import check_model_fits, settle
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OVERRIDES_KEY = "overrides"
@@ -46,12 +46,22 @@ def to_app_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> AppConfig:
             raise err.__cause__ from None
         raise
     assert isinstance(app_cfg, AppConfig)
-    # Workers may run in another working directory: pin the data folders now.
+    # Workers may run in another working directory: pin the data folders and files now.
     dataset = app_cfg.dataset
     for key in ("data_dir", "clients_dir", "train_dir", "test_dir"):
         if getattr(dataset, key):
-            setattr(dataset, key, str(Path(getattr(dataset, key)).expanduser().resolve()))
-    return settle(app_cfg, num_clients_given="num_clients" in override_keys(overrides))
+            setattr(dataset, key, _absolute(getattr(dataset, key)))
+    if app_cfg.init_from:
+        app_cfg.init_from = _absolute(app_cfg.init_from)
+    if app_cfg.model.weights not in (None, "imagenet"):
+        app_cfg.model.weights = _absolute(app_cfg.model.weights)
+    settled = settle(app_cfg, num_clients_given="num_clients" in override_keys(overrides))
+    check_model_fits(settled)
+    return settled
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def to_simulation_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> AppConfig:

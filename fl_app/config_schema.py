@@ -14,7 +14,27 @@ IMAGE_FOLDER = "image_folder"  # the user's own task: conf/dataset/image_folder.
 DATASETS = (*BUILT_IN_DATASETS, IMAGE_FOLDER)
 # The settings of an image-folder task; the built-in datasets fix them, so take none.
 IMAGE_FOLDER_SETTINGS = ("classes", "image_size", "channels", "clients_dir", "train_dir", "test_dir")
-MODELS = ("seed_cnn", "mcmahan_cnn", "mcmahan_2nn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of conf/model/: whether it is a pretrained network's backbone under a new
+    head (keras.applications), which can start from pretrained weights and train its head
+    alone, and the smallest image side it takes."""
+
+    backbone: bool = False
+    min_image_size: int = 1
+
+
+MODELS = {
+    "seed_cnn": ModelSpec(),
+    "mcmahan_cnn": ModelSpec(),
+    "mcmahan_2nn": ModelSpec(),
+    "mobilenet_v3_small": ModelSpec(backbone=True, min_image_size=32),
+    "efficientnet_b0": ModelSpec(backbone=True, min_image_size=32),
+}
+TRAINED_PARTS = ("all", "head")  # model.train
+AUGMENTATIONS = ("none", "light")
 # Each partitioner and the settings it takes (any other must stay unset).
 PARTITIONERS = {
     "iid": (),
@@ -95,6 +115,8 @@ class PartitionerConfig:
 @dataclass
 class ModelConfig:
     name: str
+    weights: str | None  # backbone models: imagenet, a weights file of the backbone, or null (random)
+    train: str  # all: every weight trains and travels; head: the backbone is frozen, only the head travels
 
 
 @dataclass
@@ -172,6 +194,8 @@ class AppConfig:
     verbose: bool
     output_dir: str | None
     resume: bool
+    init_from: str | None
+    augment: str
 
     def __post_init__(self) -> None:
         validate(self)
@@ -300,6 +324,21 @@ def _check_privacy(cfg: AppConfig) -> None:
                           f"({privacy.secagg_reconstruction_threshold}) with SecAgg+")
 
 
+def _check_model(cfg: AppConfig) -> None:
+    model = cfg.model
+    _one_of("model.name", model.name, tuple(MODELS))
+    _one_of("model.train", model.train, TRAINED_PARTS)
+    _one_of("augment", cfg.augment, AUGMENTATIONS)
+    backbones = ", ".join(name for name, spec in MODELS.items() if spec.backbone)
+    if not MODELS[model.name].backbone:
+        if model.train != "all":
+            raise ConfigError("model.train", f"got {model.train}, but {model.name} has no pretrained backbone "
+                              f"to freeze; use all, or a backbone model: {backbones}")
+        if model.weights is not None:
+            raise ConfigError("model.weights", f"got {model.weights!r}, but {model.name} has no pretrained "
+                              f"backbone; leave it null, or use a backbone model: {backbones}")
+
+
 def _check_image_folder(dataset: DatasetConfig, mode: str) -> None:
     """An image-folder task's classes, image settings, and (simulation) where its images are."""
     if dataset.classes is not None:
@@ -343,7 +382,7 @@ def _check_dataset(cfg: AppConfig) -> None:
 
 def validate(cfg: AppConfig) -> None:
     """Raise `ConfigError` for the first invalid value of `cfg`."""
-    _one_of("model.name", cfg.model.name, MODELS)
+    _check_model(cfg)
     _check_settings(cfg)
     _one_of("mode.name", cfg.mode.name, MODES)
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)

@@ -1,7 +1,8 @@
-"""What `run_simulation.py` shows on the console: fl_app's own lines and every warning.
+"""What the console shows of a run: fl_app's own lines and every warning.
 
 Flower logs five lines a round around fl_app's one and libraries raise deprecation warnings
-that users cannot act on. The run's log file keeps every logged line; `verbose=true` shows
+that users cannot act on. The run's log file keeps every logged line (`run_simulation.py`:
+run_simulation.log; `flwr run`: server.log in the run's directory); `verbose=true` shows
 them on the console too. (TensorFlow's C++ start-up lines are off in every process:
 fl_app/__init__.py; the Ray workers' output stays in Ray's logs: fl_app/simulation.py.)
 """
@@ -41,6 +42,22 @@ def quiet_console() -> None:
         if type(handler) is logging.StreamHandler:  # not a FileHandler, its subclass
             handler.addFilter(ConsoleFilter())
     _import_tensorflow_into_the_log()
+
+
+def quiet_flower_stream(log_file: str | os.PathLike, verbose: bool) -> None:
+    """Under `flwr run`: every line Flower's logger gets also goes to `log_file`, and unless
+    `verbose` its console handler, whose output `flwr run --stream` shows, passes only what
+    `ConsoleFilter` passes. Once per process (each run has its own ServerApp process)."""
+    from flwr.common.logger import console_handler
+
+    flwr_logger = logging.getLogger("flwr")
+    if any(isinstance(h, logging.FileHandler) for h in flwr_logger.handlers):
+        return
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    flwr_logger.addHandler(handler)
+    if not verbose:
+        console_handler.addFilter(ConsoleFilter())
 
 
 def _import_tensorflow_into_the_log() -> None:

@@ -5,12 +5,14 @@ process serves: `train` resets the optimizer state first, so no client inherits 
 client's momentum or Adam moments.
 """
 
+import hashlib
 from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fl_app.config_schema import ConfigError
 from fl_app.library_patches import fuse_adam
 
 
@@ -105,7 +107,68 @@ MODELS = {
     "mcmahan_cnn": build_mcmahan_cnn,
     "mcmahan_2nn": build_mcmahan_2nn,
 }
+# Pretrained networks (keras.applications), used without their ImageNet classifier. Each
+# brings its own input preprocessing and takes pixel values in [0, 255].
+BACKBONES = {
+    "mobilenet_v3_small": keras.applications.MobileNetV3Small,
+    "efficientnet_b0": keras.applications.EfficientNetB0,
+}
+HEAD = "head"  # the name of a backbone model's classification layer
 OPTIMIZERS = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
+
+
+def build_on_backbone(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                      weights: str | None, frozen: bool = False) -> keras.Model:
+    """Keras' pretrained network `name` (`weights`: "imagenet", a weights file of it, or None
+    for random) under a new softmax layer, `HEAD`, on its pooled features; `frozen`: the
+    backbone does not train (and its batch normalisation runs in inference mode).
+
+    fl_app scales images to [0, 1] (`data.scale_images`); a Rescaling layer brings them back
+    to the [0, 255] that the backbone's own preprocessing expects."""
+    backbone = BACKBONES[name](input_shape=input_shape, include_top=False, weights=weights, pooling="avg")
+    backbone.trainable = not frozen
+    inputs = keras.Input(shape=input_shape)
+    features = backbone(keras.layers.Rescaling(255.0)(inputs), training=False if frozen else None)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name=HEAD)(features)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_network(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                  weights: str | None = None, frozen: bool = False, init_from: str | None = None) -> keras.Model:
+    """The uncompiled network of conf/model/<name>.yaml for the task's input and classes,
+    started from an earlier run's model (`init_from`, see `start_from`) if given."""
+    if name in BACKBONES:
+        try:
+            network = build_on_backbone(name, input_shape, num_classes, weights, frozen)
+        except ValueError as err:  # Keras names the layer whose weights do not fit
+            raise ConfigError("model.weights", f"{weights} does not fit {name} on "
+                              f"{'x'.join(map(str, input_shape))} images: {err}") from None
+    else:
+        network = MODELS[name](input_shape, num_classes)
+    if init_from:
+        start_from(network, init_from)
+    return network
+
+
+def start_from(network: keras.Model, path: str) -> None:
+    """Set `network`'s weights to those of the Keras model saved at `path` (a run's
+    model.keras): all of them, or when its classes differ all but its classification layer's
+    (the last kernel and bias), which keep their fresh values. Raises `ConfigError` naming
+    `init_from` when the saved model takes other images or is another network."""
+    try:
+        earlier = keras.models.load_model(path, compile=False)
+    except Exception as err:  # Keras raises ValueError, OSError, zip errors, ...
+        raise ConfigError("init_from", f"{path} cannot be loaded as a Keras model: {err}") from None
+    takes, wants = tuple(earlier.input_shape[1:]), tuple(network.input_shape[1:])
+    if takes != wants:
+        raise ConfigError("init_from", f"{path} takes {'x'.join(map(str, takes))} images, the task's are "
+                          f"{'x'.join(map(str, wants))} (dataset.image_size, dataset.channels)")
+    saved, fresh = earlier.get_weights(), network.get_weights()
+    shared = len(fresh) if earlier.output_shape[-1] == network.output_shape[-1] else len(fresh) - 2
+    if len(saved) != len(fresh) or any(a.shape != b.shape for a, b in zip(saved[:shared], fresh[:shared])):
+        raise ConfigError("init_from", f"{path} is a {earlier.name} whose weights do not fit "
+                          f"{network.name}: is model.name the earlier run's?")
+    network.set_weights(saved[:shared] + fresh[shared:])
 
 
 def build_model(
@@ -117,15 +180,26 @@ def build_model(
     learning_rate: float,
     proximal: bool = False,
     steps_per_execution: int = 1,
+    weights: str | None = None,
+    frozen: bool = False,
+    init_from: str | None = None,
 ) -> keras.Model:
     """Build and compile a model from config names (see `conf/model`).
 
     proximal=True wraps it for FedProx (`ProximalModel`). steps_per_execution > 1 runs that
     many batches per TensorFlow call: the same steps and weights, less Python per batch.
+    `weights` and `frozen`: a backbone model's starting weights, and whether only its head
+    trains; `init_from`: an earlier run's model to start from.
     """
-    model = MODELS[name](input_shape, num_classes)
+    model = build_network(name, input_shape, num_classes, weights, frozen, init_from)
     if proximal:
         model = ProximalModel(model)
+    compile_for_training(model, optimizer, loss, learning_rate, steps_per_execution)
+    return model
+
+
+def compile_for_training(model: keras.Model, optimizer: str, loss: str, learning_rate: float,
+                         steps_per_execution: int) -> None:
     keras_optimizer = OPTIMIZERS[optimizer](learning_rate=learning_rate)
     if isinstance(keras_optimizer, keras.optimizers.Adam):
         fuse_adam(keras_optimizer)  # one TensorFlow kernel a weight (fl_app.library_patches)
@@ -135,7 +209,6 @@ def build_model(
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
     )
-    return model
 
 
 def summary_text(model: keras.Model) -> str:
@@ -145,11 +218,55 @@ def summary_text(model: keras.Model) -> str:
     return "\n".join(parts).rstrip()
 
 
-def initial_weights(name: str, input_shape: tuple[int, int, int], num_classes: int,
-                    seed: int) -> list[np.ndarray]:
-    """The global model's starting weights, identical for a given seed."""
+def initial_weights(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int, *,
+                    weights: str | None = None, frozen: bool = False, init_from: str | None = None,
+                    ) -> list[np.ndarray]:
+    """The starting weights that travel (`exchanged_weights`), identical for a given seed."""
     keras.utils.set_random_seed(seed)
-    return MODELS[name](input_shape, num_classes).get_weights()
+    return exchanged_weights(build_network(name, input_shape, num_classes, weights, frozen, init_from), frozen)
+
+
+def exchanged_weights(model: keras.Model, frozen: bool) -> list[np.ndarray]:
+    """The weights that travel between clients and server: all of them, or with a frozen
+    backbone only the trainable ones (the head's), the rest being the same everywhere."""
+    return [w.numpy() for w in model.trainable_weights] if frozen else model.get_weights()
+
+
+def set_exchanged_weights(model: keras.Model, arrays: list[np.ndarray], frozen: bool) -> None:
+    if not frozen:
+        model.set_weights(arrays)
+        return
+    for variable, array in zip(model.trainable_weights, arrays, strict=True):
+        variable.assign(array)
+
+
+def head_on_features(model: keras.Model, optimizer: str, loss: str, proximal: bool = False,
+                     steps_per_execution: int = 1) -> tuple[keras.Model, keras.Model]:
+    """(backbone, head) of a frozen backbone model: a model giving the backbone's features of
+    images, and a compiled model that is the `HEAD` layer itself (the same weights) taking
+    those features. Training the head on features computed once gives the weights that
+    training the whole model would, without running the frozen backbone at every step."""
+    network = model.inner if isinstance(model, ProximalModel) else model
+    head_layer = network.get_layer(HEAD)
+    backbone = keras.Model(network.inputs, head_layer.input)
+    head = keras.Sequential([keras.Input(shape=head_layer.input.shape[1:]), head_layer])
+    head = ProximalModel(head) if proximal else head
+    compile_for_training(head, optimizer, loss, 1e-3, steps_per_execution)
+    return backbone, head
+
+
+def features(backbone: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The backbone's features of images `x`, batch by batch."""
+    return np.concatenate([backbone.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def frozen_digest(model: keras.Model) -> str:
+    """A fingerprint of the weights that do not train (a frozen backbone's): parties whose
+    frozen parts differ would average heads trained on different features."""
+    digest = hashlib.sha256()
+    for weight in model.non_trainable_weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> None:
@@ -160,8 +277,20 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float
     optimizer.learning_rate.assign(learning_rate)
 
 
-def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
-    """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch.
+def light_augmentation(seed: int) -> keras.Sequential:
+    """Random horizontal flips, shifts of up to 10 % and rotations of up to 18 degrees,
+    seeded: Keras' preprocessing layers, applied to training batches only."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
+        keras.layers.RandomRotation(0.05, seed=seed + 2),
+    ], name="augment")
+
+
+def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int,
+                  augment: bool = False) -> tf.data.Dataset:
+    """All local epochs as one stream of batches of (x, y), reshuffled (seeded) each epoch,
+    and with `augment` each batch of images randomly transformed (`light_augmentation`).
 
     One stream rather than one Keras epoch per local epoch: Keras' per-epoch work (a new
     iterator, callbacks, a metrics read-back) is paid once (docs/benchmarks.md). Keras turns
@@ -171,8 +300,11 @@ def local_batches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, se
     options = tf.data.Options()
     options.autotune.enabled = False
     data = tf.data.Dataset.from_tensor_slices((x, y))
-    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return data.batch(batch_size).repeat(epochs).prefetch(1).with_options(options)
+    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size).repeat(epochs)
+    if augment:
+        transform = light_augmentation(seed % 2**30)
+        data = data.map(lambda images, labels: (transform(images, training=True), labels))
+    return data.prefetch(1).with_options(options)
 
 
 def train(
@@ -185,8 +317,10 @@ def train(
     learning_rate: float,
     seed: int,
     proximal_mu: float = 0.0,
+    augment: bool = False,
 ) -> dict[str, float]:
-    """Train in place from the model's current weights for `epochs` passes over (x, y).
+    """Train in place from the model's current weights for `epochs` passes over (x, y),
+    `augment`ed or not.
 
     Returns loss and accuracy averaged over all of the local training, as TensorFlow
     Federated reports a client's training metrics.
@@ -198,7 +332,8 @@ def train(
         model.set_anchor(proximal_mu)
     elif proximal_mu:
         raise ValueError("proximal_mu needs a model built with proximal=True")
-    history = model.fit(local_batches(x, y, batch_size, epochs, seed), epochs=1, shuffle=False, verbose=0)
+    batches = local_batches(x, y, batch_size, epochs, seed, augment)
+    history = model.fit(batches, epochs=1, shuffle=False, verbose=0)
     return {
         "train_loss": float(history.history["loss"][-1]),
         "train_accuracy": float(history.history["accuracy"][-1]),

@@ -25,7 +25,7 @@ from flwr_datasets.partitioner import (
 from fl_app.config_schema import ConfigError
 from fl_app.data import DatasetError, scale_images
 from fl_app.image_folder import list_images
-from fl_app.task import Task, folder_images, held_out_size, party_set, training_set
+from fl_app.task import Task, folder_images, held_out_size, party_set, too_few_to_split, training_set
 
 datasets.disable_progress_bars()  # a bar per partition would drown the run's log
 
@@ -197,13 +197,12 @@ def load_own_images(folder: str, task: Task, val_fraction: float, seed: int) -> 
     """A partner's own image folder (deployment) as the task's classes and input shape,
     split (seeded) into local train and held-out parts. Read once per process."""
     images, labels = folder_images(folder, task)
-    data = _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed])
-    if not len(data.y_train) or (val_fraction > 0 and not len(data.y_val)):
+    if too_few_to_split(len(labels), val_fraction):
         raise DatasetError(
             f"{folder}: its {len(labels)} image(s) are too few for a training and a held-out "
             f"part with dataset.val_fraction={val_fraction}"
         )
-    return data
+    return _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed])
 
 
 def _hold_out(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, val_fraction: float,

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from fl_app import model as keras_model
 from fl_app.config import from_run_config, given_keys
 from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
-from fl_app.console import FILE_ONLY
+from fl_app.console import FILE_ONLY, quiet_flower_stream
 from fl_app.outputs import CLIENTS_COLUMNS, PER_CLASS_COLUMNS, Checkpoint, RunOutputs
 from fl_app.partition import label_counts
 from fl_app.privacy import PrivacyBudget, fit_workflow, with_central_dp
@@ -57,6 +57,8 @@ class RoundRecorder:
     def __call__(self, server_round: int, weights: list[np.ndarray], seconds: float) -> bool:
         record = {"round": server_round, **self.strategy.rounds.get(server_round, {})}
         record["round_seconds"] = round(seconds, 3)
+        # What each sampled client received, and sent back: the weights that travel.
+        record["bytes_per_client"] = sum(w.nbytes for w in weights)
         self._record_evaluation(server_round, record)
         if self.budget is not None:
             record.update(self.budget.spend(record))
@@ -118,8 +120,8 @@ def progress_line(record: dict, num_rounds: int, accuracy_key: str) -> str:
     )
 
 
-def run_header(cfg: AppConfig, task: Task, num_params: int, sampled: int, output_dir: Path,
-               has_test_set: bool) -> str:
+def run_header(cfg: AppConfig, task: Task, num_params: int, exchanged: NDArrays, sampled: int,
+               output_dir: Path, has_test_set: bool) -> str:
     """What the run trains, on what, how and where its outputs go: the console's first lines."""
     privacy = [name for name, on in (("SecAgg+", cfg.privacy.secagg),
                                      (f"DP {cfg.privacy.dp}", cfg.privacy.dp != "none")) if on]
@@ -129,7 +131,10 @@ def run_header(cfg: AppConfig, task: Task, num_params: int, sampled: int, output
         measured = "\nNo test set: the clients' held-out images measure the run"
     else:
         measured = "\nNo test set and fraction_evaluate=0: nothing measures the run's accuracy"
-    return (f"{cfg.model.name} ({num_params:,} parameters) on {cfg.dataset.name} "
+    count, megabytes = sum(w.size for w in exchanged), sum(w.nbytes for w in exchanged) / 1e6
+    travel = f"{megabytes:.1f} MB" if count == num_params else f"the head's {count:,} ({megabytes:.2f} MB)"
+    return (f"{cfg.model.name} ({num_params:,} parameters; {travel} to and from each client a round) "
+            f"on {cfg.dataset.name} "
             f"({'x'.join(map(str, task.image_shape))}, {len(task.classes)} classes) | "
             f"{cfg.strategy.name}, {sampled} of {cfg.num_clients} clients a round, {cfg.num_rounds} rounds | "
             f"privacy: {' + '.join(privacy) or 'none'}{measured}\nOutputs: {output_dir}")
@@ -150,8 +155,14 @@ def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
     if cfg.resume:
         log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
     task = task_of(cfg.dataset)
-    weights = keras_model.initial_weights(cfg.model.name, task.image_shape, len(task.classes), cfg.seed)
+    weights = keras_model.initial_weights(cfg.model.name, task.image_shape, len(task.classes), cfg.seed,
+                                          weights=cfg.model.weights, frozen=frozen(cfg), init_from=cfg.init_from)
     return Checkpoint(0, weights, [], {})
+
+
+def frozen(cfg: AppConfig) -> bool:
+    """Whether the model's backbone is frozen: only its head trains and travels."""
+    return cfg.model.train == "head"
 
 
 def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
@@ -183,18 +194,22 @@ def record_run(cfg: AppConfig, outputs: RunOutputs) -> None:
 
 def global_model(cfg: AppConfig, task: Task, outputs: RunOutputs) -> keras.Model:
     """The server's copy of the model (it evaluates and saves the global weights), described
-    in the log and model_summary.txt."""
+    in the log and model_summary.txt. Built with the run's seed, as the clients build theirs:
+    a frozen backbone is the same everywhere."""
+    keras.utils.set_random_seed(cfg.seed)
     model = keras_model.build_model(cfg.model.name, task.image_shape, len(task.classes), cfg.optimizer,
-                                    cfg.loss, cfg.learning_rate, steps_per_execution=cfg.steps_per_execution)
+                                    cfg.loss, cfg.learning_rate, steps_per_execution=cfg.steps_per_execution,
+                                    weights=cfg.model.weights, frozen=frozen(cfg), init_from=cfg.init_from)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
     outputs.write_model_summary(summary)
     return model
 
 
-def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn) -> ValidatedStrategy:
+def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn,
+                    frozen_digest: str | None = None) -> ValidatedStrategy:
     """The configured Flower strategy, validated, under the configured privacy, continuing
-    from `checkpoint`."""
+    from `checkpoint`; `frozen_digest`: the frozen backbone's every update must be on."""
     strategy = build_strategy(
         cfg.strategy.name,
         own_settings(cfg.strategy),
@@ -204,6 +219,7 @@ def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn) -> Vali
         # Central DP's epsilon counts on no one knowing who was sampled: a draw that anyone
         # with the config's seed could recompute would void that amplification.
         sampling_seed=None if cfg.privacy.dp in CENTRAL_DP else cfg.seed,
+        frozen_digest=frozen_digest,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=cfg.fraction_evaluate,
         min_fit_clients=cfg.min_fit_clients,
@@ -231,12 +247,12 @@ def privacy_plan(cfg: AppConfig, checkpoint: Checkpoint, sampled: int) -> tuple[
     return budget, budget.last_round(checkpoint.round, cfg.num_rounds, sampled, cfg.num_clients)
 
 
-def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs, task: Task,
+def save_final_model(model: keras.Model, weights: NDArrays, frozen: bool, outputs: RunOutputs, task: Task,
                      test: tuple[np.ndarray, np.ndarray] | None, recorder: RoundRecorder,
                      batch_size: int) -> None:
     """model.keras, and pictures of what it predicts: on the test set, or without one the
     confusion matrix of the clients' summed counts in the last evaluated round."""
-    model.set_weights(weights)
+    keras_model.set_exchanged_weights(model, weights, frozen)
     model.optimizer.build(model.trainable_variables)  # else loading warns of missing slots
     model.save(outputs.model)
     if test is not None:
@@ -251,10 +267,14 @@ def save_final_model(model: keras.Model, weights: NDArrays, outputs: RunOutputs,
                                       f"clients' held-out images (their summed counts, round {server_round})")
 
 
-def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
-    """Train for `cfg.num_rounds` rounds, writing everything into the output directory."""
+def run_server(grid: Grid, context: Context, cfg: AppConfig, log_file: bool = False) -> None:
+    """Train for `cfg.num_rounds` rounds, writing everything into the output directory;
+    `log_file`: the log too, as server.log (under `flwr run`; run_simulation.py keeps its own)."""
     started = time.monotonic()
     outputs, checkpoint = open_outputs(cfg)
+    if log_file:
+        outputs.dir.mkdir(parents=True, exist_ok=True)
+        quiet_flower_stream(outputs.dir / "server.log", cfg.verbose)
     # The data first: a missing or corrupt file stops the run before anything is written.
     task = task_of(cfg.dataset)
     test = central_test_set(task)
@@ -262,14 +282,16 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     model = global_model(cfg, task, outputs)
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
-        model.set_weights(weights)
+        keras_model.set_exchanged_weights(model, weights, frozen(cfg))
         result = keras_model.evaluate(model, *test, cfg.eval_batch_size)
         return result.loss, {"accuracy": result.accuracy}
 
-    strategy = server_strategy(cfg, checkpoint, evaluate_fn if test is not None else None)
+    strategy = server_strategy(cfg, checkpoint, evaluate_fn if test is not None else None,
+                               keras_model.frozen_digest(model) if frozen(cfg) else None)
     # Clients a round when all of num_clients are connected, as the strategy itself counts them.
     sampled, _ = strategy.optimizer.num_fit_clients(cfg.num_clients)
-    log(INFO, "%s", run_header(cfg, task, model.count_params(), sampled, outputs.dir, test is not None))
+    log(INFO, "%s", run_header(cfg, task, model.count_params(), checkpoint.weights, sampled, outputs.dir,
+                               test is not None))
     if test is not None:
         # The starting model's test accuracy, as Flower's own server loop logs it. Evaluating it
         # now (in simulation while Ray starts) also warms TensorFlow up for the rounds' evaluations.
@@ -286,7 +308,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> None:
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy))
 
     outputs.plot_metrics(recorder.history)
-    save_final_model(model, recorder.weights, outputs, task, test, recorder, cfg.eval_batch_size)
+    save_final_model(model, recorder.weights, frozen(cfg), outputs, task, test, recorder, cfg.eval_batch_size)
     final = next((r for r in reversed(recorder.history) if accuracy_key in r), {})
     log(
         INFO,
@@ -333,7 +355,10 @@ def build_server_app(cfg: AppConfig | None = None, wrap_grid: Callable[[Grid], G
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         grid = wrap_grid(grid) if wrap_grid else grid
-        run_server(grid, context, cfg or federation_config(grid, context.run_config))
+        if cfg is not None:
+            run_server(grid, context, cfg)
+        else:
+            run_server(grid, context, federation_config(grid, context.run_config), log_file=True)
 
     return server_app
 

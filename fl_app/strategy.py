@@ -34,7 +34,7 @@ from flwr.server.strategy import Strategy
 from fl_app.config_schema import STRATEGIES
 
 # Metrics a client reports that identify or count it rather than measure it: never averaged.
-ID_METRICS = ("partition_id", "num_examples", "client", "train_examples", "confusion_matrix")
+ID_METRICS = ("partition_id", "num_examples", "client", "train_examples", "confusion_matrix", "frozen_digest")
 
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -85,6 +85,7 @@ def build_strategy(
     wrap: Callable[[Strategy], Strategy] = lambda strategy: strategy,
     secure_aggregation: bool = False,
     sampling_seed: int | None = None,
+    frozen_digest: str | None = None,
     **common,
 ) -> "ValidatedStrategy":
     """Flower's strategy `name`, started from `initial_weights`, wrapped in validation.
@@ -94,6 +95,7 @@ def build_strategy(
     take their step from `initial_weights`, so a resumed run passes its checkpoint.
     `wrap` puts another Flower wrapper (e.g. differential privacy) between the two.
     `sampling_seed` makes its draws of clients reproducible (`SeededSampling`).
+    `frozen_digest`: a frozen backbone's fingerprint, which every update must carry.
     """
     common.setdefault("fit_metrics_aggregation_fn", weighted_average)
     common.setdefault("evaluate_metrics_aggregation_fn", weighted_average)
@@ -103,7 +105,7 @@ def build_strategy(
         initial_parameters=ndarrays_to_parameters(initial_weights), **settings, **common
     )
     return ValidatedStrategy(wrap(strategy), strategy.min_fit_clients, secure_aggregation,
-                             optimizer=strategy, sampling_seed=sampling_seed)
+                             optimizer=strategy, sampling_seed=sampling_seed, frozen_digest=frozen_digest)
 
 
 class SeededSampling:
@@ -145,16 +147,21 @@ class ValidatedStrategy(Strategy):
     sampling_seed: each round's draws of clients (to train, to evaluate) are seeded by it,
     the round and the phase, so a resumed run draws what the uninterrupted one did (None:
     draws from the operating system's randomness, which no one can recompute).
+    frozen_digest: with a frozen backbone, only heads travel, and a head trained on another
+    backbone's features must not be averaged in: an update whose `frozen_digest` metric
+    differs is rejected (not checkable under SecAgg+, which hides each client's metrics).
     """
 
     def __init__(self, strategy: Strategy, min_fit_clients: int, secure_aggregation: bool = False,
-                 optimizer: Strategy | None = None, sampling_seed: int | None = None) -> None:
+                 optimizer: Strategy | None = None, sampling_seed: int | None = None,
+                 frozen_digest: str | None = None) -> None:
         super().__init__()
         self.strategy = strategy
         self.optimizer = optimizer or strategy  # the Flower strategy inside any wrapper
         self.min_fit_clients = min_fit_clients
         self.secure_aggregation = secure_aggregation
         self.sampling_seed = sampling_seed
+        self.frozen_digest = frozen_digest
         # round -> what happened in it; the server loop adds timing and persists it.
         self.rounds: dict[int, dict[str, Scalar]] = {}
         # round -> each evaluating client's figures, and their summed confusion counts
@@ -218,6 +225,10 @@ class ValidatedStrategy(Strategy):
                 problem = update_problem(parameters_to_ndarrays(res.parameters), self._expected)
             if res.num_examples < 1:
                 problem = f"num_examples is {res.num_examples}"
+            elif self.frozen_digest and not self.secure_aggregation and (
+                    res.metrics.get("frozen_digest") != self.frozen_digest):
+                problem = ("its frozen backbone differs from the server's (model.weights and init_from must "
+                           "be the same files at every party)")
             if problem:
                 log(WARNING, "Round %s: rejected update of client %s: %s", server_round,
                     res.metrics.get("client", proxy.cid), problem)

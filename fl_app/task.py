@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_app.config_schema import IMAGE_FOLDER, AppConfig, ConfigError, DatasetConfig
+from fl_app.config_schema import IMAGE_FOLDER, MODELS, AppConfig, ConfigError, DatasetConfig
 from fl_app.data import class_names, image_shape, load_dataset, scale_images
 from fl_app.image_folder import check_readable, list_images, load_image_folder, sub_folders
 
@@ -71,30 +71,53 @@ def settle(cfg: AppConfig, num_clients_given: bool) -> AppConfig:
     if len(classes) < 2:
         raise ConfigError("dataset.classes", f"found only {classes} as class folders in {', '.join(map(str, folders))}: "
                           "a classifier needs at least 2 classes")
-    num_clients = cfg.num_clients
+    settled = dataclasses.replace(cfg, dataset=dataclasses.replace(dataset, classes=list(classes)))
+    if not dataset.clients_dir:
+        list_images(dataset.train_dir, tuple(classes))  # its class folders must be the task's
+        return settled
     for folder in folders:
-        counts = len(list_images(folder, tuple(classes)))
-        if dataset.clients_dir:
-            _check_party_size(folder, counts, dataset.val_fraction)
-    if dataset.clients_dir:
-        if num_clients_given and cfg.num_clients != len(folders):
-            raise ConfigError("num_clients", f"got {cfg.num_clients}, but {dataset.clients_dir} holds "
-                              f"{len(folders)} party folders (one client each): leave num_clients out")
-        num_clients = len(folders)
-    return dataclasses.replace(cfg, num_clients=num_clients,
-                               dataset=dataclasses.replace(dataset, classes=list(classes)))
+        count = len(list_images(folder, tuple(classes)))
+        if too_few_to_split(count, dataset.val_fraction):
+            raise ConfigError("dataset.val_fraction", f"got {dataset.val_fraction}, but {folder} holds {count} "
+                              "image(s): too few for a training and a held-out part (add images or change "
+                              "val_fraction)")
+    if num_clients_given and cfg.num_clients != len(folders):
+        raise ConfigError("num_clients", f"got {cfg.num_clients}, but {dataset.clients_dir} holds "
+                          f"{len(folders)} party folders (one client each): leave num_clients out")
+    return dataclasses.replace(settled, num_clients=len(folders))
 
 
-def _check_party_size(folder: Path, count: int, val_fraction: float) -> None:
-    num_val = held_out_size(count, val_fraction)
-    if count - num_val < 1 or (val_fraction > 0 and num_val < 1):
-        raise ConfigError("dataset.val_fraction", f"got {val_fraction}, but {folder} holds {count} image(s): "
-                          "too few for a training and a held-out part (add images or change val_fraction)")
+def check_model_fits(cfg: AppConfig) -> None:
+    """The model can take the task's images, and the files it starts from exist: raises
+    `ConfigError` naming the key before any training."""
+    model, task = cfg.model, task_of(cfg.dataset)
+    height, width, channels = task.image_shape
+    smallest = MODELS[model.name].min_image_size
+    if min(height, width) < smallest:
+        raise ConfigError("model.name", f"{model.name} takes images of at least {smallest}x{smallest}; the "
+                          f"{cfg.dataset.name} task's are {height}x{width} (dataset.image_size of dataset=image_folder)")
+    if model.weights == "imagenet" and channels != 3:
+        raise ConfigError("model.weights", f"imagenet weights take colour images, but the {cfg.dataset.name} "
+                          "task's have 1 channel: set dataset.channels=3 (dataset=image_folder converts grey "
+                          "images to RGB), or model.weights=null")
+    for key, path in (("model.weights", None if model.weights == "imagenet" else model.weights),
+                      ("init_from", cfg.init_from)):
+        if path and not Path(path).is_file():
+            raise ConfigError(key, f"{path}: no such file")
+    if cfg.augment != "none" and model.train == "head":
+        raise ConfigError("augment", f"got {cfg.augment}, but with model.train=head each client computes "
+                          "its images' features once, unaugmented: use augment=none, or model.train=all")
 
 
 def held_out_size(count: int, val_fraction: float) -> int:
     """How many of a party's `count` images are held out for evaluation."""
     return int(round(count * val_fraction))
+
+
+def too_few_to_split(count: int, val_fraction: float) -> bool:
+    """Whether `count` images leave none to train on, or none held out when some should be."""
+    num_val = held_out_size(count, val_fraction)
+    return count - num_val < 1 or (val_fraction > 0 and num_val < 1)
 
 
 def check_images(task: Task) -> None:

@@ -61,6 +61,10 @@ def test_flwr_run_trains_and_matches_run_simulation_bit_for_bit(tmp_path, flwr_e
     # num_clients left at its default (10) follows the federation, without a warning.
     assert "num_clients follows the federation: 3 SuperNodes" in result.stdout
     assert "was given, but the federation has" not in result.stdout
+    # The stream shows fl_app's lines; Flower's own are in the run's server.log.
+    assert "[round 2/2] clients 3/3 trained" in result.stdout and "configure_fit" not in result.stdout
+    server_log = (out / "server.log").read_text()
+    assert "configure_fit: strategy sampled 3 clients" in server_log and "[round 2/2]" in server_log
     history = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in history] == [1, 2]
     assert history[-1]["clients_succeeded"] == 3

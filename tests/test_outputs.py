@@ -1,5 +1,6 @@
 """A run's TensorBoard scalars, written by RunOutputs without a federation."""
 
+import numpy as np
 import pytest
 from conftest import read_scalars
 
@@ -21,3 +22,17 @@ def test_every_numeric_value_of_a_round_becomes_a_scalar_and_a_resumed_run_appen
     assert set(scalars) == {"test_accuracy", "clients_failed", "epsilon"}  # no round, no status
     for key, points in scalars.items():
         assert points == [(r["round"], pytest.approx(r[key])) for r in rounds if key in r], key
+
+
+def test_a_run_directory_is_never_overwritten_without_resume(tmp_path):
+    from fl_app.config import compose_config
+    from fl_app.config_schema import ConfigError
+    from fl_app.outputs import Checkpoint
+    from fl_app.server_app import open_outputs
+
+    RunOutputs(tmp_path).save_checkpoint(Checkpoint(2, [np.zeros(3)], [{"round": 1}, {"round": 2}], {}))
+    with pytest.raises(ConfigError, match="already holds a run; set resume=true") as err:
+        open_outputs(compose_config([f"output_dir={tmp_path}"]))
+    assert err.value.key == "output_dir"
+    _, checkpoint = open_outputs(compose_config([f"output_dir={tmp_path}", "resume=true"]))
+    assert checkpoint.round == 2 and len(checkpoint.history) == 2

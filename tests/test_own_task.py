@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import OWN_CLASSES, OWN_PARTIES, predict, read_history, run_simulation_cli, write_own_task
 from flwr.common import Code, EvaluateRes, Status
-from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 from omegaconf import OmegaConf
 
 from fl_app import model as keras_model
@@ -146,26 +146,19 @@ def test_class_scores_are_precision_recall_and_f1_per_class():
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
 
 
-class Proxy(ClientProxy):
-    def get_properties(self, *args, **kwargs): ...
-    def get_parameters(self, *args, **kwargs): ...
-    def fit(self, *args, **kwargs): ...
-    def evaluate(self, *args, **kwargs): ...
-    def reconnect(self, *args, **kwargs): ...
-
-
-def evaluate_result(cid, name, loss, confusion):
+def evaluate_result(node_id, name, loss, confusion):
     matrix = np.asarray(confusion, "<i8")
     metrics = {"accuracy": np.trace(matrix) / matrix.sum(), "client": name, "train_examples": 40,
                "confusion_matrix": matrix.tobytes()}
-    return Proxy(cid), EvaluateRes(Status(Code.OK, ""), loss, int(matrix.sum()), metrics)
+    proxy = GridClientProxy(node_id=node_id, grid=None, run_id=0)
+    return proxy, EvaluateRes(Status(Code.OK, ""), loss, int(matrix.sum()), metrics)
 
 
 def test_the_server_sums_the_clients_confusion_counts_and_lists_each_party():
     strategy = build_strategy("fedavg", {}, [np.zeros(2, np.float32)])
     strategy.rounds[1] = {"round": 1}  # as configure_fit leaves it
-    results = [evaluate_result("7", "site_b", 0.5, [[3, 1], [0, 4]]),
-               evaluate_result("3", "site_a", 0.2, [[5, 0], [2, 1]])]
+    results = [evaluate_result(7, "site_b", 0.5, [[3, 1], [0, 4]]),
+               evaluate_result(3, "site_a", 0.2, [[5, 0], [2, 1]])]
     loss, metrics = strategy.aggregate_evaluate(1, results, [])
     assert strategy.confusion[1].tolist() == [[8, 1], [2, 5]]
     assert [row["client"] for row in strategy.parties[1]] == ["site_a", "site_b"]

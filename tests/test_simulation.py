@@ -76,7 +76,8 @@ def test_small_federation_learns_and_writes_every_output(tmp_path, data_root):
     # result; Flower's own lines, TensorFlow's start-up and the model's layers in the log only.
     console = (result.stdout + result.stderr).splitlines()
     assert len(console) == 2 + 1 + 3 + 1, console
-    assert "seed_cnn (693,962 parameters) on mnist (28x28x1, 10 classes)" in console[0]
+    assert ("seed_cnn (693,962 parameters; 2.8 MB to and from each client a round) on mnist "
+            "(28x28x1, 10 classes)") in console[0]
     assert "fedavg, 4 of 20 clients a round, 3 rounds | privacy: none" in console[0]
     assert all(re.search(r"\[round \d/3\] .* elapsed, ~\d+:\d\d left$", line) for line in console[3:6]), console
     assert "configure_fit" in log and "TensorFlow's start-up" in log
@@ -126,10 +127,6 @@ def test_killed_run_resumes_from_last_completed_round_as_if_never_killed(tmp_pat
         proc.wait()
     before = read_history(out)
     assert 1 <= len(before) < 3
-
-    # Without resume=true the existing run is never overwritten.
-    refused = run_simulation_cli(*overrides)
-    assert refused.returncode != 0 and "resume=true" in refused.stdout + refused.stderr
 
     result = run_simulation_cli(*overrides[:-1], f"hydra.run.dir={tmp_path / 'h2'}", "resume=true")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -36,7 +36,7 @@ def arrays(value: float) -> list[np.ndarray]:
 
 def start_round(
     num_clients: int, min_fit_clients: int = 2, name: str = "fedavg", secure_aggregation: bool = False,
-    **settings
+    frozen_digest: str | None = None, **settings
 ) -> tuple[ValidatedStrategy, list]:
     """A strategy that has configured round 1 for `num_clients` registered clients."""
     manager = SimpleClientManager()
@@ -44,7 +44,8 @@ def start_round(
     for proxy in proxies:
         manager.register(proxy)
     strategy = build_strategy(name, settings, arrays(0.0), min_fit_clients=min_fit_clients,
-                              min_available_clients=num_clients, secure_aggregation=secure_aggregation)
+                              min_available_clients=num_clients, secure_aggregation=secure_aggregation,
+                              frozen_digest=frozen_digest)
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(arrays(0.0)), manager)
     assert len(instructions) == num_clients
     return strategy, proxies
@@ -270,3 +271,14 @@ def test_seeded_sampling_draws_the_same_clients_whatever_order_they_connected_in
     assert drawn(7, 4, forward)[0] != fit and drawn(8, 3, forward)[0] != fit
     # Flower's own draw (no seed) depends on its global generator; one of these differs.
     assert len({tuple(drawn(None, 3, forward)[0]) for _ in range(3)}) > 1
+
+
+def test_heads_on_the_same_frozen_backbone_are_averaged_and_one_on_another_is_refused(caplog):
+    # model.train=head: the arrays are a head's, each update says which backbone it trained on.
+    strategy, proxies = start_round(3, frozen_digest="abc")
+    results = [fit_result(proxies[0], arrays(1.0), 10, frozen_digest="abc", client="site_a"),
+               fit_result(proxies[1], arrays(4.0), 30, frozen_digest="abc", client="site_b"),
+               fit_result(proxies[2], arrays(100.0), 20, frozen_digest="other", client="site_c")]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    assert all(np.allclose(a, (1.0 * 10 + 4.0 * 30) / 40) for a in parameters_to_ndarrays(parameters))
+    assert "rejected update of client site_c: its frozen backbone differs from the server's" in caplog.text

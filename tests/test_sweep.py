@@ -1,6 +1,6 @@
-"""Sweeps (fl_app/sweep.py): real `-m` sweeps, sequential and in parallel, a sweep with one
-bad job, and the summary of hand-written job directories (target not reached, no target,
-failed jobs)."""
+"""Sweeps (fl_app/sweep.py): real `-m` sweeps, sequential (with a job its data cannot serve)
+and in parallel, sweeps stopped by a bad value before any job runs, and the summary of
+hand-written job directories (target not reached, no target, failed jobs)."""
 
 import csv
 import json
@@ -23,30 +23,28 @@ def assert_plot(sweep_dir):
 
 
 @pytest.mark.slow
-def test_sweep_summary_has_a_row_per_job_as_its_metrics_say(tmp_path):
+def test_sweep_summary_has_a_row_per_job_as_its_metrics_say_and_a_job_the_data_cannot_serve_fails_alone(tmp_path):
+    # Job 0: no Dirichlet(0.0001) split gives all 20 clients 10 samples, known only once it
+    # splits; job 1 trains, and reaches its target in round 1, which ends it.
     result = run_simulation_cli(
-        "-m", *SMALL_RUN, "num_rounds=2", "target_accuracy=0.5,0.999", f"hydra.sweep.dir={tmp_path}"
+        "-m", *SMALL_RUN, "num_rounds=2", "target_accuracy=0.5", "partitioner=dirichlet",
+        "partitioner.alpha=0.0001,100", f"hydra.sweep.dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode != 0  # the sweep reports its failed job
+    assert "Invalid config key 'partitioner.alpha, partitioner.min_partition_size'" in result.stdout + result.stderr
     rows = read_summary(tmp_path)
-    # Overrides shared by every job (SMALL_RUN, num_rounds) do not label a job.
+    # Overrides shared by every job (SMALL_RUN, num_rounds, ...) do not label a job.
     assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
-        ("0", "target_accuracy=0.5", "ok"), ("1", "target_accuracy=0.999", "ok")
+        ("0", "partitioner.alpha=0.0001", "failed: no metrics.json"), ("1", "partitioner.alpha=100", "ok")
     ]
-    for row in rows:
-        history = json.loads((tmp_path / row["job"] / "metrics.json").read_text())
-        accuracies = [r["test_accuracy"] for r in history]
-        assert float(row["final_accuracy"]) == accuracies[-1]
-        assert float(row["best_accuracy"]) == max(accuracies)
-        assert int(row["best_round"]) == accuracies.index(max(accuracies)) + 1
-        assert int(row["rounds_completed"]) == len(history)
-        assert float(row["train_seconds"]) == round(sum(r["round_seconds"] for r in history), 1)
-    # 0.5 is reached in round 1, which ends that run; 0.999 never is.
-    assert (rows[0]["rounds_to_target"], rows[0]["rounds_completed"]) == ("1", "1")
-    assert (rows[1]["rounds_to_target"], rows[1]["rounds_completed"]) == ("not reached", "2")
+    row, history = rows[1], json.loads((tmp_path / "1" / "metrics.json").read_text())
+    accuracies = [r["test_accuracy"] for r in history]
+    assert float(row["final_accuracy"]) == accuracies[-1] > 0.5 and float(row["best_accuracy"]) == max(accuracies)
+    assert (row["best_round"], row["rounds_to_target"], row["rounds_completed"], row["accuracy_of"]) == (
+        "1", "1", "1", "test set")
+    assert float(row["train_seconds"]) == round(sum(r["round_seconds"] for r in history), 1)
     markdown = (tmp_path / "summary.md").read_text()
-    assert "| 1 | target_accuracy=0.999 | ok |" in markdown and "| not reached |" in markdown
-    assert markdown in result.stdout  # logged when the sweep ends
+    assert "| 1 | partitioner.alpha=100 | ok |" in markdown
     assert_plot(tmp_path)
 
 
@@ -62,6 +60,7 @@ def test_parallel_sweep_with_joblib_runs_jobs_at_once_each_with_its_own_outputs(
         ("seed=1", "ok", "1"), ("seed=2", "ok", "1")
     ]
     assert all(float(r["final_accuracy"]) > 0.8 for r in rows)
+    assert (tmp_path / "summary.md").read_text() in result.stdout  # logged when the sweep ends
     assert_plot(tmp_path)
     for job, seed in (("0", 1), ("1", 2)):
         assert f"seed: {seed}" in (tmp_path / job / "config.yaml").read_text()
@@ -105,18 +104,6 @@ def write_job(sweep_dir, num, overrides, status, target=None, accuracies=None):
     (job_dir / "metrics.json").write_text(json.dumps(history))
 
 
-@pytest.mark.slow
-def test_a_job_the_data_cannot_serve_fails_alone_and_the_sweep_goes_on(tmp_path):
-    # No Dirichlet(0.0001) split gives all 20 clients 10 samples: known only once job 0 splits.
-    result = run_simulation_cli("-m", *SMALL_RUN, "num_rounds=1", "partitioner=dirichlet",
-                                "partitioner.alpha=0.0001,100", f"hydra.sweep.dir={tmp_path}")
-    assert result.returncode != 0  # the sweep reports its failed job
-    assert "Invalid config key 'partitioner.alpha, partitioner.min_partition_size'" in result.stdout + result.stderr
-    rows = read_summary(tmp_path)
-    assert [(r["job"], r["status"]) for r in rows] == [("0", "failed: no metrics.json"), ("1", "ok")]
-    assert rows[1]["rounds_completed"] == "1"
-
-
 def test_summary_of_reached_not_reached_no_target_and_failed_jobs(tmp_path):
     # Job 10 first: jobs are ordered by number, not by directory name.
     write_job(tmp_path, 10, ["num_rounds=3", "seed=10"], "COMPLETED", None, [0.5, 0.6, 0.7])
@@ -157,3 +144,13 @@ def test_dp_jobs_get_their_epsilon_and_the_trade_off_plot(tmp_path):
         ("privacy.noise_multiplier=0", "250.0"), ("privacy.noise_multiplier=1", "3.5")]
     assert (tmp_path / "summary.md").read_text().splitlines()[3].endswith("| 3.5 |")
     assert (tmp_path / "privacy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_without_a_test_set_is_summarised_by_its_clients_accuracy(tmp_path):
+    write_job(tmp_path, 0, ["dataset=image_folder"], "COMPLETED")
+    history = [{"round": 1, "round_seconds": 1.0, "eval_accuracy": 0.6},
+               {"round": 2, "round_seconds": 1.0, "eval_accuracy": 0.7}]
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps(history))
+    summarise(tmp_path)
+    (row,) = read_summary(tmp_path)
+    assert (row["final_accuracy"], row["best_round"], row["accuracy_of"]) == ("0.7", "2", "clients")
