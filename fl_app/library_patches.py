@@ -120,6 +120,12 @@ RELIANCES = (
         "with a hook after each round); they are not exported.",
     ),
     Touchpoint(
+        "flwr", "1.42.0",
+        ("flwr.supercore.logger:mirror_output_to_queue",),
+        "fl_app.console quiets what `flwr run --stream` shows by filtering Flower's console_handler, "
+        "whose output the ServerApp process mirrors, with the rest of its stdout and stderr, to the stream.",
+    ),
+    Touchpoint(
         "hydra-core", "1.3.8",
         ("hydra._internal.core_plugins.basic_sweeper:BasicSweeper.split_arguments",),
         "fl_app.sweep expands a sweep's jobs as Hydra's basic sweeper does, to check them all "

@@ -140,9 +140,10 @@ def build_network(name: str, input_shape: tuple[int, int, int], num_classes: int
     if name in BACKBONES:
         try:
             network = build_on_backbone(name, input_shape, num_classes, weights, frozen)
-        except ValueError as err:  # Keras names the layer whose weights do not fit
+        except ValueError as err:  # Keras names the layer whose weights do not fit, and the shapes
+            reason = " ".join(str(err).split("Target variable")[0].split())
             raise ConfigError("model.weights", f"{weights} does not fit {name} on "
-                              f"{'x'.join(map(str, input_shape))} images: {err}") from None
+                              f"{'x'.join(map(str, input_shape))} images: {reason}") from None
     else:
         network = MODELS[name](input_shape, num_classes)
     if init_from:

@@ -35,6 +35,7 @@ PINNED = {
     "flwr.server.workflow.default_workflows:default_fit_workflow": "180d595f43251849",
     "flwr.server.workflow.default_workflows:default_evaluate_workflow": "54dfd81e37bc9220",
     "flwr.server.workflow.default_workflows:default_centralized_evaluation_workflow": "ec8d8eecb30a565f",
+    "flwr.supercore.logger:mirror_output_to_queue": "f82849372ef7ec45",
     "hydra._internal.core_plugins.basic_sweeper:BasicSweeper.split_arguments": "1b56f58380a27a88",
 }
 TOUCHPOINTS = [*PATCHES.values(), *RELIANCES]

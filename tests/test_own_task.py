@@ -5,8 +5,6 @@ import csv
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -241,7 +239,7 @@ def test_three_parties_without_a_test_set_train_and_report_per_class_and_per_par
 
 
 @pytest.mark.slow
-def test_a_pooled_folder_split_non_iid_with_a_test_set(tmp_path, own_task):
+def test_a_pooled_folder_split_non_iid_with_a_test_set(tmp_path, capsys, own_task):
     run = tmp_path / "run"
     result = run_simulation_cli(*OWN, f"dataset.train_dir={own_task / 'clients' / 'hospital_a'}",
                                 f"dataset.test_dir={own_task / 'test'}", "num_clients=4", "num_rounds=2",
@@ -253,11 +251,5 @@ def test_a_pooled_folder_split_non_iid_with_a_test_set(tmp_path, own_task):
     counts = np.array(json.loads((run / "partitions.json").read_text())["label_counts"])
     assert counts.shape == (4, 5) and counts.sum() == 500
     assert (run / "predictions.png").exists()
-    code, out, _ = subprocess_predict(run / "model.keras", "--split", "test")
+    code, out, _ = predict(capsys, run / "model.keras", "--split", "test")
     assert code == 0 and f"accuracy {history[-1]['test_accuracy']:.4f} on the 200 test images" in out
-
-
-def subprocess_predict(*args):
-    result = subprocess.run([sys.executable, "-m", "fl_app.predict", *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
-    return result.returncode, result.stdout, result.stderr

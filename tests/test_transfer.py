@@ -79,7 +79,8 @@ def test_a_weights_file_starts_the_backbone_and_one_that_does_not_fit_is_refused
     assert all(np.array_equal(a, b) for a, b in zip(backbone.get_weights(), pretrained.get_weights()))
     keras.applications.EfficientNetB0(input_shape=SHAPE, include_top=False, weights=None,
                                       pooling="avg").save_weights(tmp_path / "other.weights.h5")
-    with pytest.raises(ConfigError, match="does not fit mobilenet_v3_small on 32x32x3") as err:
+    with pytest.raises(ConfigError, match=r"does not fit mobilenet_v3_small on 32x32x3 images: .*name=conv.*"
+                                          r"variable.shape=\(3, 3, 3, 16\), Received: value.shape=\(3, 3, 3, 32\)") as err:
         keras_model.build_network("mobilenet_v3_small", SHAPE, 3, weights=str(tmp_path / "other.weights.h5"))
     assert err.value.key == "model.weights"
 
