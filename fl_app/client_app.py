@@ -30,7 +30,7 @@ from fl_app.task import task_of
 
 class WorkerModel(NamedTuple):
     """A worker process's compiled model. With a frozen backbone (`model.train=head`) also
-    the backbone alone, which gives each client's features once, and the head, which trains
+    the backbone alone, which gives each client's features once per process, and the head, which trains
     on them (`keras_model.head_on_features`)."""
 
     model: keras.Model

@@ -299,6 +299,9 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig, log_file: bool = Fa
         log(INFO, "Global model at the start (round %s): test loss %.4f acc %.4f",
             checkpoint.round, loss, metrics["accuracy"])
 
+    if frozen(cfg) and cfg.model.weights is None and cfg.init_from is None:
+        log(WARNING, "model.train=head on a random backbone (model.weights=null, no init_from): its "
+            "features teach the head little; start from imagenet, a weights file or init_from")
     budget, num_rounds = privacy_plan(cfg, checkpoint, sampled)
     accuracy_key = "test_accuracy" if test is not None else "eval_accuracy"
     recorder = RoundRecorder(outputs, strategy, num_rounds, checkpoint, cfg.target_accuracy, task.classes,
