@@ -87,8 +87,8 @@ def test_partners_aggregate_securely_with_client_side_dp(federation, tmp_path):
     # SecAgg+, whose four stages travel through the SuperLink; the server noises the sum.
     start_nodes(federation, **{f"n{i}": NODE.format(i) for i in range(3)})
     out = tmp_path / "out"
-    log = federation.run(RUN.format(rounds=1, nodes=3) + " min_fit_clients=3 privacy=secagg_dp "
-                         f"privacy.noise_multiplier=0.01 output_dir={out}")
+    federation.run(RUN.format(rounds=1, nodes=3) + " min_fit_clients=3 privacy=secagg_dp "
+                   f"privacy.noise_multiplier=0.01 output_dir={out}")
     (record,) = read_history(out)
     assert (record["clients_succeeded"], record["status"]) == (3, "ok"), record
     assert record["epsilon"] > 0 and record["test_accuracy"] > 0.3, record
