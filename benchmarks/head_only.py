@@ -24,12 +24,8 @@ Timings are measured, never asserted.
 """
 
 import argparse
-import json
 import math
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 from fl_app import model as keras_model
+from benchmarks.cli import simulate
 from fl_app.config import compose_config
 from fl_app.data import class_names, load_dataset, scale_images
 
-REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 3
 MODEL = "mobilenet_v3_small"
 PROFILE_IMAGES = 256  # images a profile step handles (after one untimed call)
@@ -60,20 +56,6 @@ def write_folder(root: Path, count: int, size: int) -> tuple[np.ndarray, np.ndar
         picture.save(root / names[label] / f"{i:06d}.png")
         images[i] = np.asarray(picture)
     return images, y_train[:count].astype(np.int64)
-
-
-def simulate(run_dir: Path, *overrides: str) -> tuple[list[dict], float, str]:
-    """Run `run_simulation.py overrides...` with its output in `run_dir`; its metrics.json
-    records, its wall time and its command."""
-    cmd = [sys.executable, "run_simulation.py", *overrides, f"hydra.run.dir={run_dir}"]
-    command = shlex.join(["python", *cmd[1:]])
-    print(f"$ {command}", flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{command} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads((run_dir / "metrics.json").read_text()), wall, command
 
 
 def multiply_adds(model) -> int:

@@ -33,11 +33,7 @@ Accuracies and timings are measured, never asserted.
 """
 
 import argparse
-import json
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,11 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.cli import simulate
 from fl_app.config import compose_config
 from fl_app.data import class_names, load_dataset
 from fl_app.task import held_out_size
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = (32, 32)  # (height, width) of both tasks: init_from needs the same input shape
 DIGITS = ("zero", "one", "two", "three", "four")  # MNIST labels 0-4, renamed
 PARTIES = 3
@@ -96,20 +92,6 @@ def write_target_task(root: Path, per_class: int) -> Path:
                                  for digit in range(len(DIGITS))])
         write_classes(root / f"party_{party}", x_train[chosen], y_train[chosen], DIGITS)
     return root
-
-
-def simulate(run_dir: Path, *overrides: str) -> tuple[list[dict], float, str]:
-    """Run `run_simulation.py overrides...` with its output in `run_dir`; its metrics.json
-    records, its wall time and its command."""
-    cmd = [sys.executable, "run_simulation.py", *overrides, f"hydra.run.dir={run_dir}"]
-    command = shlex.join(["python", *cmd[1:]])
-    print(f"$ {command}", flush=True)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{command} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads((run_dir / "metrics.json").read_text()), wall, command
 
 
 def mean_round_seconds(history: list[dict]) -> float:
