@@ -37,6 +37,7 @@ class WorkerModel(NamedTuple):
     frozen: bool
     backbone: keras.Model | None = None
     head: keras.Model | None = None
+    frozen_digest: str | None = None  # the frozen weights never change: fingerprinted once
 
 
 # (frozen backbone's digest, client, split) -> the backbone's features of those images: a
@@ -67,7 +68,7 @@ class KerasClient(NumPyClient):
         images = self.data.x_train if split == "train" else self.data.x_val
         if not self.worker.frozen:
             return self.worker.model, images
-        key = (keras_model.frozen_digest(self.worker.model), self.name, split)
+        key = (self.worker.frozen_digest, self.name, split)
         if key not in _features:
             _features[key] = keras_model.features(self.worker.backbone, images, self.cfg.eval_batch_size)
         return self.worker.head, _features[key]
@@ -93,7 +94,7 @@ class KerasClient(NumPyClient):
         )
         metrics["client"] = self.name
         if self.worker.frozen:  # the server refuses a head trained on another backbone
-            metrics["frozen_digest"] = keras_model.frozen_digest(self.worker.model)
+            metrics["frozen_digest"] = self.worker.frozen_digest
         if self.partition_id is not None:
             metrics["partition_id"] = self.partition_id
         num_examples = len(self.data.y_train)
@@ -144,8 +145,8 @@ def _cached_worker_model(name: str, input_shape: tuple[int, int, int], num_class
                                     steps_per_execution, weights=weights, frozen=frozen, init_from=init_from)
     if not frozen:
         return WorkerModel(model, frozen)
-    return WorkerModel(model, frozen, *keras_model.head_on_features(model, optimizer, loss, proximal,
-                                                                     steps_per_execution))
+    backbone, head = keras_model.head_on_features(model, optimizer, loss, proximal, steps_per_execution)
+    return WorkerModel(model, frozen, backbone, head, keras_model.frozen_digest(model))
 
 
 def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData:

@@ -28,7 +28,8 @@ def small_images(count=48, seed=0):
 def frozen_worker(seed=0) -> WorkerModel:
     keras.utils.set_random_seed(seed)
     model = keras_model.build_model("mobilenet_v3_small", SHAPE, 3, "adam", LOSS, 1e-3, frozen=True)
-    return WorkerModel(model, True, *keras_model.head_on_features(model, "adam", LOSS))
+    return WorkerModel(model, True, *keras_model.head_on_features(model, "adam", LOSS),
+                       keras_model.frozen_digest(model))
 
 
 def client(worker, name="a"):
