@@ -140,9 +140,9 @@ def _cached_worker_model(name: str, input_shape: tuple[int, int, int], num_class
                          loss: str, num_threads: int, proximal: bool, steps_per_execution: int,
                          weights: str | None, frozen: bool, init_from: str | None, seed: int) -> WorkerModel:
     keras_model.limit_threads(num_threads)
-    keras.utils.set_random_seed(seed)
     model = keras_model.build_model(name, input_shape, num_classes, optimizer, loss, 1e-3, proximal,
-                                    steps_per_execution, weights=weights, frozen=frozen, init_from=init_from)
+                                    steps_per_execution, weights=weights, frozen=frozen, init_from=init_from,
+                                    seed=seed)
     if not frozen:
         return WorkerModel(model, frozen)
     backbone, head = keras_model.head_on_features(model, optimizer, loss, proximal, steps_per_execution)

@@ -14,6 +14,8 @@ import importlib
 import logging
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version
@@ -58,6 +60,10 @@ def _replace(target: str, replacement: object) -> None:
     setattr(owner, name, replacement)
 
 
+def _restore(target: str) -> None:
+    _replace(target, _originals[target])
+
+
 def _is_on(name: str) -> bool:
     """Whether patch `name` applies here; logs once when it does not."""
     patch = PATCHES[name]
@@ -98,6 +104,15 @@ PATCHES = {
         "Keras' Adam updates a weight with about a dozen TensorFlow ops, each a pass over it; "
         "TensorFlow's ResourceApplyAdam does the same arithmetic in one. Upstream: a fused Adam "
         "in Keras 3's TensorFlow backend.",
+    ),
+    "seeded_initializers": Touchpoint(
+        "keras", "3.15.1",
+        ("keras.src.random.seed_generator:make_default_seed",
+         "keras.src.initializers.random_initializers:RandomInitializer.__init__"),
+        "Keras seeds every initializer built without a seed from Python's process-wide `random`, "
+        "which other threads of a simulation's driver draw from as well: a backbone's hundreds of "
+        "initializers got other weights in some runs of the same seed. Upstream: a seed that "
+        "only the thread building the model draws from.",
     ),
 }
 
@@ -146,6 +161,24 @@ def seed_node_ids(seed: int) -> None:
         return number
 
     _replace(PATCHES["seeded_node_ids"].targets[0], seeded_int)
+
+
+_building = threading.Lock()
+
+
+@contextmanager
+def initializer_seeds_from(seed: int) -> Iterator[None]:
+    """Within: Keras seeds the initializers built without a seed from `seed` alone, whatever
+    other threads draw from Python's `random` meanwhile; one thread at a time builds."""
+    if not _is_on("seeded_initializers"):
+        yield
+        return
+    with _building:
+        _replace("keras.src.random.seed_generator:python_random", random.Random(seed))
+        try:
+            yield
+        finally:
+            _restore("keras.src.random.seed_generator:python_random")
 
 
 @cache  # once per process

@@ -6,6 +6,8 @@ client's momentum or Adam moments.
 """
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import keras
@@ -13,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from fl_app.config_schema import ConfigError
-from fl_app.library_patches import fuse_adam
+from fl_app.library_patches import fuse_adam, initializer_seeds_from
 
 
 def build_seed_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
@@ -133,19 +135,40 @@ def build_on_backbone(name: str, input_shape: tuple[int, int, int], num_classes:
     return keras.Model(inputs, outputs, name=name)
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Within: the weights built are those of `seed` (if given), in any process and whatever
+    its other threads draw from Python's `random` (fl_app.library_patches)."""
+    if seed is None:
+        yield
+        return
+    keras.utils.set_random_seed(seed)
+    with initializer_seeds_from(seed):
+        yield
+
+
 def build_network(name: str, input_shape: tuple[int, int, int], num_classes: int,
-                  weights: str | None = None, frozen: bool = False, init_from: str | None = None) -> keras.Model:
+                  weights: str | None = None, frozen: bool = False, init_from: str | None = None,
+                  seed: int | None = None) -> keras.Model:
     """The uncompiled network of conf/model/<name>.yaml for the task's input and classes,
-    started from an earlier run's model (`init_from`, see `start_from`) if given."""
-    if name in BACKBONES:
-        try:
-            network = build_on_backbone(name, input_shape, num_classes, weights, frozen)
-        except ValueError as err:  # Keras names the layer whose weights do not fit, and the shapes
-            reason = " ".join(str(err).split("Target variable")[0].split())
-            raise ConfigError("model.weights", f"{weights} does not fit {name} on "
-                              f"{'x'.join(map(str, input_shape))} images: {reason}") from None
-    else:
-        network = MODELS[name](input_shape, num_classes)
+    started from an earlier run's model (`init_from`, see `start_from`) if given; the same
+    `seed` builds the same weights, at the server and at every party."""
+    with _seeded(seed):
+        if name in BACKBONES:
+            try:
+                network = build_on_backbone(name, input_shape, num_classes, weights, frozen)
+            except ValueError as err:  # Keras names the layer whose weights do not fit, and the shapes
+                reason = " ".join(str(err).split("Target variable")[0].split())
+                raise ConfigError("model.weights", f"{weights} does not fit {name} on "
+                                  f"{'x'.join(map(str, input_shape))} images: {reason}") from None
+            except Exception as err:  # Keras raises a bare Exception when its download fails
+                if weights != "imagenet" or "URL fetch failure" not in str(err):
+                    raise
+                raise ConfigError("model.weights", f"imagenet: Keras could not download {name}'s ImageNet "
+                                  f"weights ({err}). Without internet here, download that file elsewhere "
+                                  "and give its path as model.weights") from None
+        else:
+            network = MODELS[name](input_shape, num_classes)
     if init_from:
         start_from(network, init_from)
     return network
@@ -184,6 +207,7 @@ def build_model(
     weights: str | None = None,
     frozen: bool = False,
     init_from: str | None = None,
+    seed: int | None = None,
 ) -> keras.Model:
     """Build and compile a model from config names (see `conf/model`).
 
@@ -192,7 +216,7 @@ def build_model(
     `weights` and `frozen`: a backbone model's starting weights, and whether only its head
     trains; `init_from`: an earlier run's model to start from.
     """
-    model = build_network(name, input_shape, num_classes, weights, frozen, init_from)
+    model = build_network(name, input_shape, num_classes, weights, frozen, init_from, seed)
     if proximal:
         model = ProximalModel(model)
     compile_for_training(model, optimizer, loss, learning_rate, steps_per_execution)
@@ -223,8 +247,7 @@ def initial_weights(name: str, input_shape: tuple[int, int, int], num_classes: i
                     weights: str | None = None, frozen: bool = False, init_from: str | None = None,
                     ) -> list[np.ndarray]:
     """The starting weights that travel (`exchanged_weights`), identical for a given seed."""
-    keras.utils.set_random_seed(seed)
-    return exchanged_weights(build_network(name, input_shape, num_classes, weights, frozen, init_from), frozen)
+    return exchanged_weights(build_network(name, input_shape, num_classes, weights, frozen, init_from, seed), frozen)
 
 
 def exchanged_weights(model: keras.Model, frozen: bool) -> list[np.ndarray]:

@@ -196,10 +196,10 @@ def global_model(cfg: AppConfig, task: Task, outputs: RunOutputs) -> keras.Model
     """The server's copy of the model (it evaluates and saves the global weights), described
     in the log and model_summary.txt. Built with the run's seed, as the clients build theirs:
     a frozen backbone is the same everywhere."""
-    keras.utils.set_random_seed(cfg.seed)
     model = keras_model.build_model(cfg.model.name, task.image_shape, len(task.classes), cfg.optimizer,
                                     cfg.loss, cfg.learning_rate, steps_per_execution=cfg.steps_per_execution,
-                                    weights=cfg.model.weights, frozen=frozen(cfg), init_from=cfg.init_from)
+                                    weights=cfg.model.weights, frozen=frozen(cfg), init_from=cfg.init_from,
+                                    seed=cfg.seed)
     summary = keras_model.summary_text(model)
     log(INFO, "Global model:\n%s", summary, extra=FILE_ONLY)
     outputs.write_model_summary(summary)

@@ -6,11 +6,16 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import random
+import sys
+import threading
 
 import keras
+import numpy as np
 import pytest
 
 from fl_app import library_patches
+from fl_app import model as keras_model
 from fl_app.library_patches import PATCHES, RELIANCES, fuse_adam, original
 
 # sha256 (first 16 hex digits) of each target's source in the versions the touchpoints name.
@@ -37,6 +42,8 @@ PINNED = {
     "flwr.server.workflow.default_workflows:default_centralized_evaluation_workflow": "ec8d8eecb30a565f",
     "flwr.supercore.logger:mirror_output_to_queue": "f82849372ef7ec45",
     "hydra._internal.core_plugins.basic_sweeper:BasicSweeper.split_arguments": "1b56f58380a27a88",
+    "keras.src.random.seed_generator:make_default_seed": "f9a619f5c21e3694",
+    "keras.src.initializers.random_initializers:RandomInitializer.__init__": "64361477f504c8c6",
 }
 TOUCHPOINTS = [*PATCHES.values(), *RELIANCES]
 
@@ -63,3 +70,28 @@ def test_a_patch_for_another_version_is_off_and_says_so_once(monkeypatch, caplog
     assert all("update_step" not in vars(optimizer) for optimizer in optimizers)  # Keras' own step
     (record,) = caplog.records
     assert record.getMessage().startswith("fl_app's patch fused_adam is off: written for keras 0.0, found 3.")
+
+
+def test_a_seed_builds_the_same_weights_while_other_threads_draw_from_python_random():
+    # A simulation's driver builds the server's model while Flower's and Ray's threads run;
+    # Keras seeds each initializer from Python's `random` unless seeded_initializers is on.
+    expected = keras_model.initial_weights("mcmahan_cnn", (28, 28, 1), 10, seed=5)
+    drawing, switch_interval = threading.Event(), sys.getswitchinterval()
+
+    def draw_meanwhile():
+        drawing.set()
+        while drawing.is_set():
+            random.random()
+
+    other = threading.Thread(target=draw_meanwhile)
+    sys.setswitchinterval(1e-6)  # threads take turns often, as a busy driver's do
+    try:
+        other.start()
+        drawing.wait()
+        built = [keras_model.initial_weights("mcmahan_cnn", (28, 28, 1), 10, seed=5) for _ in range(3)]
+    finally:
+        drawing.clear()
+        other.join()
+        sys.setswitchinterval(switch_interval)
+    for weights in built:
+        assert all(np.array_equal(a, b) for a, b in zip(weights, expected, strict=True))

@@ -3,7 +3,10 @@ whose head alone trains and travels, features computed once, and warm starts fro
 run's model (init_from). The ImageNet download is Keras' own; here the tests write their own
 weights files."""
 
+import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -26,8 +29,7 @@ def small_images(count=48, seed=0):
 
 
 def frozen_worker(seed=0) -> WorkerModel:
-    keras.utils.set_random_seed(seed)
-    model = keras_model.build_model("mobilenet_v3_small", SHAPE, 3, "adam", LOSS, 1e-3, frozen=True)
+    model = keras_model.build_model("mobilenet_v3_small", SHAPE, 3, "adam", LOSS, 1e-3, frozen=True, seed=seed)
     return WorkerModel(model, True, *keras_model.head_on_features(model, "adam", LOSS),
                        keras_model.frozen_digest(model))
 
@@ -100,6 +102,18 @@ def test_init_from_continues_an_earlier_model_or_reuses_it_under_a_new_head(tmp_
         keras_model.build_network("seed_cnn", (32, 32, 1), 10, init_from=str(tmp_path / "model.keras"))
     with pytest.raises(ConfigError, match="whose weights do not fit mcmahan_2nn"):
         keras_model.build_network("mcmahan_2nn", (28, 28, 1), 10, init_from=str(tmp_path / "model.keras"))
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_refused_naming_the_key(tmp_path):
+    # A real download that fails: Keras' home is empty and HTTPS goes to a closed local port.
+    build = ("from fl_app.model import build_network\n"
+             "build_network('mobilenet_v3_small', (32, 32, 3), 3, weights='imagenet')")
+    env = {**os.environ, "KERAS_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+    result = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert ("ConfigError: Invalid config key 'model.weights': imagenet: Keras could not download "
+            "mobilenet_v3_small's ImageNet weights (URL fetch failure") in result.stderr
+    assert "give its path as model.weights" in result.stderr
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [
