@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> None:
     if not app_cfg.verbose:
         quiet_console()
     # Imported after validation: a bad config fails in a second, before Ray and TensorFlow.
+    from fl_app.server_app import RunFailed
     from fl_app.simulation import simulate
 
     _log_flower_through_hydra()
@@ -55,6 +56,10 @@ def main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed and goes on with the sweep's other jobs
         sys.exit(2)
+    except RunFailed:  # its reason is the log's last line
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(1)
     except KeyboardInterrupt:
         log.warning("Interrupted. The rounds completed so far are saved in %s; run the same command "
                     "with resume=true to continue.", app_cfg.output_dir)

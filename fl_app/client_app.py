@@ -5,7 +5,9 @@ virtual client it runs with it; each client loads only its own data: a partition
 configured dataset, or (deployment) the institution's own image folder.
 """
 
+from collections.abc import Callable
 from functools import lru_cache
+from logging import ERROR, INFO
 from typing import NamedTuple
 
 import keras
@@ -19,6 +21,7 @@ from flwr.client.mod import (
 )
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context, Message, NDArrays, Scalar
+from flwr.common.logger import log
 
 from fl_app import model as keras_model
 from fl_app.config import from_run_config
@@ -92,6 +95,9 @@ class KerasClient(NumPyClient):
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
             augment=self.cfg.augment == "light",
         )
+        # The partner's own log (its SuperNode's) shows what it did each round.
+        log(INFO, "Round %s: %s trained on %s images: loss %.4f, accuracy %.4f", config["server_round"],
+            self.name, len(self.data.y_train), metrics["train_loss"], metrics["train_accuracy"])
         metrics["client"] = self.name
         if self.worker.frozen:  # the server refuses a head trained on another backbone
             metrics["frozen_digest"] = self.worker.frozen_digest
@@ -112,6 +118,8 @@ class KerasClient(NumPyClient):
         learner, inputs = self._learner("val")
         result = keras_model.evaluate(learner, inputs, self.data.y_val, self.cfg.eval_batch_size)
         confusion = keras_model.confusion_counts(self.data.y_val, result.predicted, self.worker.model.output_shape[-1])
+        log(INFO, "Round %s: %s evaluated on %s held-out images: loss %.4f, accuracy %.4f",
+            config.get("server_round", "?"), self.name, len(self.data.y_val), result.loss, result.accuracy)
         # The counts let the server compute per-class figures without seeing an image.
         return result.loss, len(self.data.y_val), {
             "accuracy": result.accuracy,
@@ -160,21 +168,23 @@ def load_node_data(node_config: dict[str, Scalar], cfg: AppConfig) -> ClientData
         raise DatasetError(
             f"node config {dict(node_config)} names no local data: give the SuperNode "
             "--node-config 'image-dir=\"PATH\"' (its own images, one folder per class) or "
-            f"'partition-id=I num-partitions=N' (partition I of {cfg.dataset.name})"
+            f"'partition-id=I num-partitions=N' (partition I of {cfg.dataset.name})",
+            "a node config that names no data",
         )
     try:
         partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except ValueError:
         raise DatasetError(f"node config {dict(node_config)}: partition-id and num-partitions "
-                           "must be integers") from None
+                           "must be integers", "a bad node config") from None
     if not 0 <= partition_id < num_partitions:
         raise DatasetError(
             f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
-            f"(num-partitions={num_partitions})"
+            f"(num-partitions={num_partitions})",
+            "a bad node config",
         )
     if task.clients_dir and num_partitions != len(task.parties):
         raise DatasetError(f"num-partitions={num_partitions}, but {task.clients_dir} holds "
-                           f"{len(task.parties)} party folders")
+                           f"{len(task.parties)} party folders", "a bad node config")
     return load_client_data(
         task,
         cfg.partitioner.name,
@@ -208,6 +218,32 @@ def make_client(context: Context, cfg: AppConfig) -> NumPyClient:
     return KerasClient(worker, data, node_name(context, cfg), partition_id, cfg).to_client()
 
 
+class PartyFailure(RuntimeError):
+    """What the server is told when a party fails: which party, and in deployment only the
+    kind of problem, never the partner's paths or file names (its own log has the error)."""
+
+
+def report_failures(config_of: Callable[[Context], AppConfig]) -> Mod:
+    """A mod that logs a failure whole at the party and replies with a `PartyFailure`."""
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        try:
+            return call_next(message, context)
+        except Exception as err:
+            try:
+                cfg = config_of(context)
+                name, deployed = node_name(context, cfg), cfg.mode.name == "deployment"
+            except Exception:  # what failed may be the run's config or the node config
+                name, deployed = f"node {context.node_id}", True
+            log(ERROR, "%s could not %s: %s", name, message.metadata.message_type, err, exc_info=err)
+            if not deployed:  # in simulation the server's and the parties' user is one
+                raise PartyFailure(f"{name}: {err}") from err
+            kind = getattr(err, "kind", None) or f"an unexpected {type(err).__name__}"
+            raise PartyFailure(f"{name}: {kind} (the details are in its own log)") from None
+
+    return mod
+
+
 def privacy_mods(privacy: PrivacyConfig) -> list[Mod]:
     """Flower's client mods for the configured privacy, outermost first: SecAgg+ masks what
     the clipping mod returns (Flower's required order), local DP noises the update itself."""
@@ -234,7 +270,8 @@ def build_client_app(cfg: AppConfig | None = None, mods: tuple[Mod, ...] = ()) -
         # Chosen per message: under `flwr run` the config arrives with the message.
         return make_ffn(call_next, privacy_mods(config_of(context).privacy))(message, context)
 
-    return ClientApp(client_fn=client_fn, mods=[*mods, privacy])
+    return ClientApp(client_fn=client_fn,
+                     mods=[report_failures(config_of), *mods, privacy])
 
 
 app = build_client_app()

@@ -52,7 +52,15 @@ CIFAR_SPLIT_FILES = {
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing, cannot be fetched, or does not hold valid data."""
+    """A dataset file is missing, cannot be fetched, or does not hold valid data.
+
+    `kind`: the problem in a few words without any path or file name, which is all a
+    deployment's coordinator learns of a partner's failure (the partner's log has the rest).
+    """
+
+    def __init__(self, message: str, kind: str = "a data file missing or corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ def sub_folders(folder: str | Path) -> list[str]:
     """The names of `folder`'s visible sub-folders, sorted (class or party folders)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist or is not a directory")
+        raise DatasetError(f"image folder {root} does not exist or is not a directory", "no image folder")
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -41,7 +41,8 @@ def list_images(folder: str | Path, class_names: tuple[str, ...]) -> list[tuple[
     if unknown:
         raise DatasetError(
             f"{root}: unknown class folder(s) {', '.join(unknown)}; "
-            f"the task's classes are: {', '.join(class_names)}"
+            f"the task's classes are: {', '.join(class_names)}",
+            "unknown class folder(s)",
         )
     files = [
         (path, label)
@@ -53,7 +54,8 @@ def list_images(folder: str | Path, class_names: tuple[str, ...]) -> list[tuple[
     if not files:
         raise DatasetError(
             f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class folders named "
-            f"{', '.join(class_names)}"
+            f"{', '.join(class_names)}",
+            "no images in class folders",
         )
     return files
 
@@ -80,7 +82,7 @@ def check_readable(files: list[Path]) -> None:
             with Image.open(path) as image:
                 image.load()
         except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
-            raise DatasetError(f"{path}: cannot be read as an image: {err}") from err
+            raise DatasetError(f"{path}: cannot be read as an image: {err}", "an unreadable image") from err
 
 
 def read_image(path: str | Path, image_shape: tuple[int, int, int]) -> np.ndarray:
@@ -97,5 +99,5 @@ def read_image(path: str | Path, image_shape: tuple[int, int, int]) -> np.ndarra
             interpolation="bilinear",
         )
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
-        raise DatasetError(f"{path}: cannot be read as an image: {err}") from err
+        raise DatasetError(f"{path}: cannot be read as an image: {err}", "an unreadable image") from err
     return np.asarray(image, np.uint8).reshape(image_shape)

@@ -200,7 +200,8 @@ def load_own_images(folder: str, task: Task, val_fraction: float, seed: int) -> 
     if too_few_to_split(len(labels), val_fraction):
         raise DatasetError(
             f"{folder}: its {len(labels)} image(s) are too few for a training and a held-out "
-            f"part with dataset.val_fraction={val_fraction}"
+            f"part with dataset.val_fraction={val_fraction}",
+            "too few images to hold some out",
         )
     return _hold_out(images, labels, np.arange(len(labels)), val_fraction, [seed])
 

@@ -7,7 +7,7 @@ that is where Flower's SecAgg+ workflow plugs in.
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import keras
@@ -99,6 +99,24 @@ class RoundRecorder:
                  "f1": round(float(f), 6), "support": int(n)}
                 for name, p, r, f, n in zip(self.class_names, *scores[:4])]
         self.outputs.write_round_rows(self.outputs.per_class_csv, PER_CLASS_COLUMNS, server_round, rows)
+
+
+class RunFailed(RuntimeError):
+    """The run trained nothing: every round it ran failed. Raised at its end, so that
+    `flwr list` shows it failed and run_simulation.py exits non-zero."""
+
+
+def check_something_trained(history: list[dict], first_round: int, why_failed: dict[int, str]) -> None:
+    """Raise `RunFailed`, saying why in the log's last line, when every round from
+    `first_round` on failed (a resumed run is judged by the rounds it ran itself)."""
+    ran = [record for record in history if record["round"] >= first_round]
+    if not ran or any(record.get("status") == "ok" for record in ran):
+        return
+    last = ran[-1]["round"]
+    reason = (f"Run failed: none of its {len(ran)} round(s) aggregated an update, so the model is the "
+              f"one it started from. Round {last}: {why_failed.get(last, 'no client replied')}")
+    log(ERROR, "%s", reason)
+    raise RunFailed(reason)
 
 
 def minutes(seconds: float) -> str:
@@ -233,6 +251,7 @@ def server_strategy(cfg: AppConfig, checkpoint: Checkpoint, evaluate_fn,
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
         },
+        on_evaluate_config_fn=lambda server_round: {"server_round": server_round},
     )
     strategy.restore_optimizer_state(checkpoint.optimizer_state)
     return strategy
@@ -322,6 +341,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig, log_file: bool = Fa
         minutes(time.monotonic() - started),
         outputs.dir,
     )
+    check_something_trained(recorder.history, checkpoint.round + 1, strategy.why_failed)
 
 
 def federation_config(grid: Grid, run_config: Mapping[str, object]) -> AppConfig:

@@ -9,6 +9,7 @@ Given a seed, it also makes the strategy's draw of clients reproducible (`Seeded
 """
 
 import random
+import re
 from collections.abc import Callable
 from logging import INFO, WARNING
 
@@ -62,10 +63,13 @@ def update_problem(arrays: NDArrays, expected: list[tuple[tuple[int, ...], np.dt
 
 
 def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
-    """What a failed client reported: its error reply (e.g. the ClientApp's exception)."""
+    """What a failed client reported: its error reply (e.g. the ClientApp's exception, which
+    Flower sends as "<class 'module.Name'>:<'message'>"; shown as "Name: message")."""
     if isinstance(failure, BaseException):
         error = failure.args[0] if failure.args else failure  # Flower wraps the reply's Error
-        return str(getattr(error, "reason", None) or error)
+        reason = str(getattr(error, "reason", None) or error)
+        raised = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, re.DOTALL)
+        return f"{raised[1]}: {raised[2]}" if raised else reason
     proxy, res = failure
     return f"client {proxy.cid}: {res.status.message}"
 
@@ -167,6 +171,7 @@ class ValidatedStrategy(Strategy):
         # round -> each evaluating client's figures, and their summed confusion counts
         self.parties: dict[int, list[dict[str, Scalar]]] = {}
         self.confusion: dict[int, np.ndarray] = {}
+        self.why_failed: dict[int, str] = {}  # round -> why it aggregated nothing
         self._expected: list[tuple[tuple[int, ...], np.dtype]] = []
 
     def __repr__(self) -> str:
@@ -208,8 +213,9 @@ class ValidatedStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for failure in failures:
-            log(WARNING, "Round %s: a client failed to train: %s", server_round, failure_reason(failure))
+        problems = [failure_reason(failure) for failure in failures]
+        for problem in problems:
+            log(WARNING, "Round %s: a client failed to train: %s", server_round, problem)
         if self.secure_aggregation and results:
             # Every result carries the same unmasked sum: decoded, cast and checked once.
             shared = self._in_model_dtypes(parameters_to_ndarrays(results[0][1].parameters))
@@ -232,6 +238,7 @@ class ValidatedStrategy(Strategy):
             if problem:
                 log(WARNING, "Round %s: rejected update of client %s: %s", server_round,
                     res.metrics.get("client", proxy.cid), problem)
+                problems.append(f"{res.metrics.get('client', proxy.cid)}'s update rejected: {problem}")
                 rejected.append((proxy, res))
             else:
                 valid.append((proxy, res))
@@ -240,6 +247,7 @@ class ValidatedStrategy(Strategy):
         silent = max(0, record["clients_sampled"] - len(results) - len(failures))
         if silent:
             log(WARNING, "Round %s: %s client(s) did not reply within round_timeout", server_round, silent)
+            problems.append(f"{silent} client(s) did not reply within round_timeout")
         record["clients_succeeded"] = len(valid)
         # Under central DP clients count once (num_examples=1) and report their real count.
         record["train_examples"] = sum(int(res.metrics.get("num_examples", res.num_examples))
@@ -253,6 +261,8 @@ class ValidatedStrategy(Strategy):
                 len(valid),
                 self.min_fit_clients,
             )
+            self.why_failed[server_round] = "; ".join(
+                [f"{len(valid)} valid update(s), min_fit_clients={self.min_fit_clients}", *problems])
             return None, {}
         # A fixed order makes the floating-point sum, and so the run, reproducible.
         valid.sort(key=lambda r: (r[1].metrics.get("partition_id", -1), r[0].cid))
@@ -260,6 +270,7 @@ class ValidatedStrategy(Strategy):
         if parameters is None:
             log(WARNING, "Round %s: %r aggregated nothing; global model unchanged", server_round,
                 self.strategy)
+            self.why_failed[server_round] = f"{self.strategy!r} aggregated nothing"
             return None, {}
         record["status"] = "ok"
         record.update(metrics)
