@@ -96,9 +96,11 @@ def deployment(workdir: Path, rounds: int) -> tuple[list[float], float]:
         federation.start_superlink()
         relays = [CountingRelay(federation.port) for _ in range(NODES)]
         for i, relay in enumerate(relays):
+            federation.kit(f"node{i}", partition=(i, 20), superlink_port=relay.port)
             federation.register(f"node{i}")
-            federation.start_node(f"node{i}", f"partition-id={i} num-partitions=20",
-                                  superlink_port=relay.port)
+            federation.start_node(f"node{i}", wait=False)
+        for i in range(NODES):
+            federation.wait_for_node(f"node{i}")
         stop, counts = threading.Event(), []
         watcher = threading.Thread(target=lambda: counts.extend(
             bytes_at_round_ends(out / "metrics.json", relays, rounds, stop)))

@@ -18,9 +18,9 @@ import numpy as np
 from click import ClickException
 from flwr.common.config import parse_config_args
 
-from fl_app.client_app import load_node_data
 from fl_app.config import compose_config
 from fl_app.config_schema import ConfigError
+from fl_app.console import import_tensorflow_into_the_log
 from fl_app.data import DatasetError
 from fl_app.task import task_of
 
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         "dataset.classes=[benign,malignant] dataset.image_size=[64,64]'",
     )
     args = parser.parse_args(argv)
+    import_tensorflow_into_the_log()  # its start-up lines would bury the verdict
+    from fl_app.client_app import load_node_data
+
     try:
         cfg = compose_config(shlex.split(args.overrides))
         data = load_node_data(parse_config_args([args.node_config]), cfg)
@@ -47,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     task = task_of(cfg.dataset)
     counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(task.classes))
+    print("per class: " + ", ".join(f"{name} {count}" for name, count in zip(task.classes, counts)))
     print(f"OK: {len(data.y_train)} training and {len(data.y_val)} held-out images of the "
           f"{cfg.dataset.name} task's {len(task.classes)} classes, each converted to "
           f"{'x'.join(map(str, task.image_shape))}")
-    print("per class: " + ", ".join(f"{name} {count}" for name, count in zip(task.classes, counts)))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def quiet_console() -> None:
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:  # not a FileHandler, its subclass
             handler.addFilter(ConsoleFilter())
-    _import_tensorflow_into_the_log()
+    import_tensorflow_into_the_log()
 
 
 def quiet_flower_stream(log_file: str | os.PathLike, verbose: bool) -> None:
@@ -60,7 +60,7 @@ def quiet_flower_stream(log_file: str | os.PathLike, verbose: bool) -> None:
         console_handler.addFilter(ConsoleFilter())
 
 
-def _import_tensorflow_into_the_log() -> None:
+def import_tensorflow_into_the_log() -> None:
     """TensorFlow 2.21 writes its C++ start-up lines to the process's stderr as it loads,
     before any setting can silence them (absl logs everything until it is initialised), so
     it is imported here with stderr going to a file whose lines then go to the log."""
@@ -69,7 +69,7 @@ def _import_tensorflow_into_the_log() -> None:
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401  (imported for its start-up)
         finally:
             os.dup2(saved, 2)
             os.close(saved)

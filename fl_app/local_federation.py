@@ -2,16 +2,17 @@
 
 One `flower-superlink` and any number of `flower-supernode`s on 127.0.0.1, each a real
 Flower process, with TLS and SuperNode authentication on, set up exactly as
-docs/deployment.md does it across machines (certificates and keys from
-`fl_app.certificates`, keys registered with `flwr supernode register`, the run submitted
-with `flwr run`). Used by the deployment tests and benchmark, and by anyone who wants to
-see a deployment work before involving partners:
+docs/deployment.md does it across machines: the coordinator's and each partner's start
+kit (`fl_app.kit`), each partner's key made by its kit's start script, registered with
+`flwr supernode register`, the run submitted with `flwr run`. Used by the deployment
+tests and benchmark, and by anyone who wants to see a deployment work before involving
+partners:
 
     python -m fl_app.local_federation --nodes 2 --overrides "num_rounds=3"
 
-Everything lives in one work directory (certificates, keys, `FLWR_HOME`, the SuperLink's
-state database, one log per process); every process runs in its own process group and is
-stopped, with its children, when the federation closes.
+Everything lives in one work directory (the kits, keys, the SuperLink's state database,
+one log per process); every process runs in its own process group and is stopped, with
+its children, when the federation closes.
 """
 
 import argparse
@@ -24,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from fl_app.certificates import make_ca, make_node_key, make_server_certificate
+from fl_app.kit import CONNECTION, write_coordinator_kit, write_partner_kit
 
-CONNECTION = "local-tls"  # the connection's name in FLWR_HOME/config.toml
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -50,22 +51,14 @@ class LocalFederation:
         self.dir = Path(workdir)
         self.logs = self.dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.certs = self.dir / "certs"
-        make_ca(self.certs)
-        make_server_certificate(self.certs, ())
         self.port = free_port()
-        flwr_home = self.dir / "flwr-home"
-        flwr_home.mkdir(exist_ok=True)
-        # The CLI's connection (Flower 1.42 reads connections from FLWR_HOME/config.toml).
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
-        )
+        self.coordinator = write_coordinator_kit(self.dir / "coordinator", (), self.port, bind="127.0.0.1")
+        self.certs = self.coordinator / "certs"
         self.env = {
             **os.environ,
             **(env or {}),
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "FLWR_HOME": str(flwr_home),  # never the user's ~/.flwr
+            "FLWR_HOME": str(self.coordinator / "flwr"),  # the kit's connection, never the user's ~/.flwr
             # The app's dependencies are this environment's: no `uv sync` per run.
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
@@ -81,66 +74,73 @@ class LocalFederation:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _start(self, name: str, command: list[str], ready: str | None = None,
-               timeout: float = 60) -> subprocess.Popen:
+    def start_process(self, name: str, command: list[str], ready: str | None = None,
+                      timeout: float = 60) -> subprocess.Popen:
         """Start `command` logging to logs/<name>.log (stopped by `close`); unless `ready`
         is None, wait until the log matches it."""
         with open(self.logs / f"{name}.log", "w") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                        env=self.env, start_new_session=True)
         self.processes[name] = process
-        if ready is None:
-            return process
-        deadline = time.monotonic() + timeout
+        if ready is not None:
+            self.wait_for(name, ready, timeout)
+        return process
+
+    def wait_for(self, name: str, ready: str, timeout: float) -> None:
+        """Wait until process `name`'s log matches `ready`; stop it and raise if it ends
+        or `timeout` passes first."""
+        process, deadline = self.processes[name], time.monotonic() + timeout
         while not re.search(ready, self.log(name)):
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop(name)
                 raise FederationError(f"{name} did not start (see {self.logs / name}.log):\n"
                                       + self.log(name)[-2000:])
             time.sleep(0.2)
-        return process
 
     def start_superlink(self) -> None:
-        """The coordinator's SuperLink: TLS, SuperNode authentication, state on disk
-        (a restarted SuperLink keeps its registered nodes and runs)."""
-        self._start("superlink", [
-            "flower-superlink",
-            "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-            "--ssl-certfile", str(self.certs / "server.pem"),
-            "--ssl-keyfile", str(self.certs / "server.key"),
-            "--enable-supernode-auth",
-            "--database", str(self.dir / "state.db"),
-            "--host", "127.0.0.1", "--port", str(self.port),  # Fleet, Control and Runtime APIs
-        ], ready=r"Uvicorn running on https://", timeout=60)
+        """The coordinator's SuperLink, through its kit's start script: TLS, SuperNode
+        authentication, state on disk (a restarted SuperLink keeps its nodes and runs)."""
+        self.start_process("superlink", ["sh", str(self.coordinator / "start-superlink.sh")],
+                           ready=r"Uvicorn running on https://", timeout=60)
+
+    def kit(self, name: str, *, image_dir: str | None = None, partition: tuple[int, int] | None = None,
+            overrides: str = "", superlink_port: int | None = None) -> Path:
+        """Partner `name`'s kit (fl_app.kit), its data its own images or a partition of a
+        dataset; superlink_port: dial this port instead of the SuperLink's (e.g. a relay
+        that counts the bytes). The key is made by the kit's script, as at a partner."""
+        kit = write_partner_kit(self.dir / "kits" / name, name, f"127.0.0.1:{superlink_port or self.port}",
+                                self.certs / "ca.crt", image_dir=image_dir, partition=partition,
+                                data_dir=self.env.get("FL_APP_DATA_DIR", ""), overrides=overrides,
+                                local_port=free_port(),  # each SuperNode serves its own Runtime API
+                                python=sys.executable, restart_delay=2)
+        subprocess.run(["sh", str(kit / "start.sh"), "key"], env=self.env, check=True,
+                       capture_output=True, timeout=60)
+        return kit
 
     def node_key(self, name: str) -> Path:
-        """The node's private key (made on first use); its public key is next to it (.pub)."""
-        key = self.dir / "keys" / name
-        if not key.exists():
-            make_node_key(key)
-        return key
+        """Partner `name`'s private key, made by its kit; the public key is next to it (.pub)."""
+        return self.dir / "kits" / name / "keys" / name
 
     def register(self, name: str) -> None:
-        """The coordinator registers the node's public key: `flwr supernode register`."""
-        public_key = self.node_key(name).with_name(f"{name}.pub")
-        self.flwr("supernode", "register", str(public_key), CONNECTION)
+        """The coordinator registers the partner's public key: `flwr supernode register`."""
+        self.flwr("supernode", "register", str(self.node_key(name).with_name(f"{name}.pub")), CONNECTION,
+                  "--name", name)
 
-    def start_node(self, name: str, node_config: str, *, tls: bool = True, wait: bool = True,
-                   superlink_port: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        """A partner's SuperNode with its own key and `node_config` (where its data is).
+    def start_node(self, name: str, wait: bool = True) -> subprocess.Popen:
+        """Partner `name`'s SuperNode, started by its kit's start script (which checks the
+        data first, and starts flower-supernode again whenever it stops); logs/<name>.log.
+        wait=False returns at once (`wait_for_node` waits)."""
+        process = self.start_process(name, ["sh", str(self.dir / "kits" / name / "start.sh")])
+        if wait:
+            self.wait_for_node(name)
+        return process
 
-        wait=False returns at once (for nodes expected to be refused); superlink_port: dial
-        this port instead of the SuperLink's (e.g. a relay that counts the bytes)."""
-        command = [
-            "flower-supernode",
-            "--superlink", f"127.0.0.1:{superlink_port or self.port}",
-            "--auth-supernode-private-key", str(self.node_key(name)),
-            "--node-config", node_config,
-            "--port", str(free_port()),  # each SuperNode serves its own Runtime API
-            *(["--root-certificates", str(self.certs / "ca.crt")] if tls else ["--insecure"]),
-            *extra,
-        ]
-        return self._start(name, command, ready=r"SuperNode ID: \d+" if wait else None)
+    def wait_for_node(self, name: str) -> None:
+        self.wait_for(name, r"SuperNode ID: \d+", timeout=180)
+
+    def supernode_pid(self, name: str) -> int:
+        """The pid of partner `name`'s running flower-supernode (its kit's script records it)."""
+        return int((self.dir / "kits" / name / "supernode.pid").read_text())
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop a process and its children (SuperExec, flwr-serverapp / flwr-clientapp)."""
@@ -169,30 +169,44 @@ class LocalFederation:
 
     def submit(self, overrides: str, app_dir: Path = APP_DIR) -> subprocess.Popen:
         """Start `flwr run APP CONNECTION --stream` with Hydra `overrides`; logs/run.log."""
-        return self._start("run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+        return self.start_process("run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
                                    "--run-config", f'overrides="{overrides}"'])
 
-    def run(self, overrides: str, app_dir: Path = APP_DIR, timeout: float = 600) -> str:
-        """Submit a run, wait for its end, return its log.
+    def run(self, overrides: str, app_dir: Path = APP_DIR, timeout: float = 600,
+            echo: Callable[[str], None] | None = None) -> str:
+        """Submit a run, wait for its end, return its log; `echo` gets each line of the log
+        as it comes (the run's header, a line per round, warnings).
 
-        Raises `FederationError` if the run did not finish successfully (`flwr run` itself
-        exits 0 even when the ServerApp fails, so its status is asked from the SuperLink).
+        Raises `FederationError`, its reason last, if the run did not finish successfully
+        (`flwr run` itself exits 0 even when the ServerApp fails, so its status is asked
+        from the SuperLink).
         """
         process = self.submit(overrides, app_dir)
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop("run", signal.SIGKILL)
-            raise FederationError(f"run still going after {timeout} s:\n{self.log('run')[-3000:]}")
+        deadline, echoed = time.monotonic() + timeout, 0
+        while True:
+            returncode = process.poll()
+            if echo:  # the lines written so far; once the run has ended, all of them
+                output = self.log("run")
+                end = len(output) if returncode is not None else output.rfind("\n") + 1
+                for line in output[echoed:end].splitlines():
+                    echo(line)
+                echoed = max(echoed, end)
+            if returncode is not None:
+                break
+            if time.monotonic() > deadline:
+                self.stop("run", signal.SIGKILL)
+                raise FederationError(f"run still going after {timeout} s:\n{self.log('run')[-3000:]}")
+            time.sleep(0.5)
         output = self.log("run")
         started = re.search(r"Successfully started run (\d+)", output)
         if returncode or not started:
             raise FederationError(f"flwr run failed:\n{output[-3000:]}")
         listing = json.loads(self.flwr("list", CONNECTION, "--run-id", started.group(1),
                                        "--format", "json").stdout)
-        status = listing["runs"][0]["status"]
-        if status != "finished:completed":
-            raise FederationError(f"run {started.group(1)} ended {status}:\n{output[-3000:]}")
+        run = listing["runs"][0]
+        if run["status"] != "finished:completed":
+            raise FederationError(f"{output[-3000:]}\nRun {started.group(1)} ended {run['status']}: "
+                                  f"{run.get('status-details', '')}")
         return output
 
 
@@ -212,15 +226,19 @@ def main(argv: list[str] | None = None) -> None:
                  f"min_evaluate_clients={args.nodes} output_dir={output_dir} {args.overrides}")
     with LocalFederation(workdir) as federation:
         federation.start_superlink()
-        for i in range(args.nodes):
-            federation.register(f"node{i}")
-            federation.start_node(f"node{i}", f"partition-id={i} num-partitions={args.nodes}")
+        names = [f"node{i}" for i in range(args.nodes)]
+        for i, name in enumerate(names):
+            federation.kit(name, partition=(i, args.nodes), overrides=overrides)
+            federation.register(name)
+            federation.start_node(name, wait=False)  # their data checks run side by side
+        for name in names:
+            federation.wait_for_node(name)
         print(f"SuperLink on 127.0.0.1:{federation.port}, {args.nodes} SuperNodes; logs in "
               f"{federation.logs}", flush=True)
         try:
-            print(federation.run(overrides))
+            federation.run(overrides, echo=lambda line: print(line, flush=True))
         except FederationError as err:
-            sys.exit(str(err))
+            sys.exit(str(err).rpartition("\n")[2])  # the log was echoed: the reason alone
     print(f"Outputs in {output_dir}")
 
 

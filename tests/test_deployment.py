@@ -5,20 +5,21 @@ every process it started, even on failure."""
 
 import csv
 import json
+import os
+import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from conftest import OWN_CLASSES, OWN_PARTIES, read_history, write_own_task
 
+from fl_app.kit import CONNECTION
 from fl_app.local_federation import FederationError, LocalFederation
 
 pytestmark = pytest.mark.slow  # every test starts real SuperLink and SuperNode processes
 
 # Small data keeps rounds short: each partition node holds 1/20 of MNIST's training set.
-NODE = "partition-id={} num-partitions=20"
 RUN = "mode=deployment num_rounds={rounds} num_clients={nodes} fraction_evaluate=0 min_evaluate_clients=0"
 
 
@@ -29,10 +30,17 @@ def federation(tmp_path):
         yield federation
 
 
-def start_nodes(federation, **node_configs):
-    for name, node_config in node_configs.items():
+def start_partners(federation, overrides="", **data):
+    """Each partner as docs/deployment.md has it: its kit, its key made by the kit's script
+    and registered by the coordinator, its SuperNode started by the script (data checked
+    first). `data`: name -> an image folder, or a (partition, count) of MNIST."""
+    for name, where in data.items():
+        place = {"partition": where} if isinstance(where, tuple) else {"image_dir": str(where)}
+        federation.kit(name, overrides=overrides, **place)
         federation.register(name)
-        federation.start_node(name, node_config)
+        federation.start_node(name, wait=False)  # their data checks run side by side
+    for name in data:
+        federation.wait_for_node(name)
 
 
 def wait_until(condition, timeout, what):
@@ -42,36 +50,35 @@ def wait_until(condition, timeout, what):
         time.sleep(0.5)
 
 
-def check_node(node_config: str, overrides: str) -> subprocess.CompletedProcess:
-    """`python -m fl_app.check_node` as a partner runs it before starting its SuperNode."""
-    return subprocess.run([sys.executable, "-m", "fl_app.check_node", "--node-config", node_config,
-                           "--overrides", overrides], capture_output=True, text=True, timeout=300)
-
-
 def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alone(federation, tmp_path, data_root):
     # Three partners, each with its own folder of a five-class task and its own name; no test
-    # set anywhere. The third holds a class folder the task does not have.
+    # set anywhere. After their data checks pass, the third adds a class folder the task
+    # does not have.
     clients = write_own_task(tmp_path / "task", data_root) / "clients"
-    (clients / "lab_c" / "cat").mkdir()
     task = (f"mode=deployment dataset=image_folder dataset.classes=[{','.join(OWN_CLASSES)}] "
             "dataset.image_size=[32,32] dataset.channels=1")
-    node = 'image-dir="{}" name="{}"'
+    start_partners(federation, task, **{party: clients / party for party in OWN_PARTIES})
+    assert "OK: 400 training and 100 held-out images of the image_folder task's 5 classes" in (
+        federation.log("hospital_a"))
+    (clients / "lab_c" / "cat").mkdir()
+    check = subprocess.run(["sh", str(federation.dir / "kits" / "lab_c" / "start.sh"), "check"],
+                           env=federation.env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 1 and "unknown class folder(s) cat" in check.stderr.splitlines()[-1]
 
-    checked = check_node(node.format(clients / "hospital_a", "hospital_a"), task)
-    assert checked.returncode == 0, checked.stderr[-2000:]
-    assert "OK: 400 training and 100 held-out images of the image_folder task's 5 classes" in checked.stdout
-    refused = check_node(node.format(clients / "lab_c", "lab_c"), task)
-    assert refused.returncode == 1 and "unknown class folder(s) cat" in refused.stderr
-
-    start_nodes(federation, **{party: node.format(clients / party, party) for party in OWN_PARTIES})
     out = tmp_path / "out"
     log = federation.run(f"{task} num_rounds=1 local_epochs=2 min_fit_clients=2 min_evaluate_clients=2 "
                          f"output_dir={out}")
     (record,) = read_history(out)
     assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
     assert "test_accuracy" not in record and record["eval_accuracy"] > 0.6, record
-    # The coordinator sees why the third partner failed; its data never reached training.
-    assert "a client failed to train" in log and "unknown class folder(s) cat" in log
+    # The coordinator learns who failed and the kind of problem, never the partner's paths;
+    # the partner's own log has the whole error, and each partner's log its figures.
+    assert "a client failed to train: PartyFailure: lab_c: unknown class folder(s) (the details" in log
+    assert str(clients) not in log and str(clients) not in (out / "server.log").read_text()
+    assert f"{clients / 'lab_c'}: unknown class folder(s) cat" in federation.log("lab_c")
+    assert re.search(r"Round 1: hospital_a trained on 400 images: loss \d\.\d{4}, accuracy \d\.\d{4}",
+                     federation.log("hospital_a"))
+    assert "Round 1: hospital_b evaluated on 70 held-out images: loss" in federation.log("hospital_b")
     with open(out / "clients.csv") as f:
         assert {row["client"] for row in csv.DictReader(f)} == {"hospital_a", "hospital_b"}
     with open(out / "per_class.csv") as f:
@@ -81,11 +88,20 @@ def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alon
     assert "partitions.json" not in names  # in deployment the server does not know the data
     assert "name: deployment" in (out / "config.yaml").read_text()
 
+    # A run whose every round fails (all three partners needed) ends failed, saying why.
+    with pytest.raises(FederationError) as failed:
+        federation.run(f"{task} num_rounds=1 min_fit_clients=3 fraction_evaluate=0 min_evaluate_clients=0 "
+                       f"output_dir={tmp_path / 'failed'}")
+    reason = str(failed.value).splitlines()[-1]
+    assert reason.startswith("Run ") and "ended finished:failed: ServerApp failed with exception: Run failed: " \
+        "none of its 1 round(s) aggregated an update" in reason, reason
+    assert "2 valid update(s), min_fit_clients=3; PartyFailure: lab_c: unknown class folder(s)" in reason
+
 
 def test_partners_aggregate_securely_with_client_side_dp(federation, tmp_path):
     # privacy=secagg_dp: each SuperNode clips its update (Flower's mod) and masks it for
     # SecAgg+, whose four stages travel through the SuperLink; the server noises the sum.
-    start_nodes(federation, **{f"n{i}": NODE.format(i) for i in range(3)})
+    start_partners(federation, **{f"n{i}": (i, 20) for i in range(3)})
     out = tmp_path / "out"
     federation.run(RUN.format(rounds=1, nodes=3) + " min_fit_clients=3 privacy=secagg_dp "
                    f"privacy.noise_multiplier=0.01 output_dir={out}")
@@ -98,39 +114,38 @@ def test_partners_aggregate_securely_with_client_side_dp(federation, tmp_path):
 
 
 def test_unregistered_or_plaintext_nodes_are_refused(federation):
+    # A partner whose key was never registered: its kit's script makes the key, checks the
+    # data and keeps trying, refused each time.
+    federation.kit("stranger", partition=(0, 20))
+    federation.start_node("stranger", wait=False)
+    federation.kit("known", partition=(1, 20))
     federation.register("known")
+    # SuperNodes started by hand without TLS, one with the registered key.
+    plaintext = ["flower-supernode", "--superlink", f"127.0.0.1:{federation.port}", "--insecure",
+                 "--node-config", "partition-id=2 num-partitions=20"]
     nodes = {
-        "stranger": federation.start_node("stranger", NODE.format(0), wait=False),
-        "plaintext": federation.start_node("plaintext", NODE.format(1), tls=False, wait=False,
-                                           extra=("--max-retries", "2")),
-        "plaintext_known": federation.start_node("known", NODE.format(2), tls=False, wait=False),
+        "plaintext": federation.start_process("plaintext", [*plaintext, "--max-retries", "2"]),
+        "plaintext_known": federation.start_process("plaintext_known", [
+            *plaintext, "--auth-supernode-private-key", str(federation.node_key("known"))]),
     }
     for name, process in nodes.items():
         assert process.wait(timeout=120) != 0, name
-        assert "SuperNode ID" not in federation.log(name if name != "plaintext_known" else "known"), name
-    assert "Failed to activate SuperNode" in federation.log("stranger")
-    listed = json.loads(federation.flwr("supernode", "list", "local-tls", "--format", "json").stdout)
+        assert "SuperNode ID" not in federation.log(name), name
+    wait_until(lambda: "Failed to activate SuperNode" in federation.log("stranger"), 120, "the refusal")
+    assert "SuperNode ID" not in federation.log("stranger")
+    listed = json.loads(federation.flwr("supernode", "list", CONNECTION, "--format", "json").stdout)
     assert len(listed["nodes"]) == 1  # only the registered key
 
 
 def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation, tmp_path):
-    start_nodes(federation, a=NODE.format(0), b=NODE.format(1))
+    start_partners(federation, a=(0, 20), b=(1, 20))
     out = tmp_path / "out"
     run = federation.submit(RUN.format(rounds=4, nodes=2) + f" min_fit_clients=1 local_epochs=3 output_dir={out}")
     try:
         wait_until(lambda: "Start `flwr-clientapp` process" in federation.log("b"), 240, "b to train")
-        federation.stop("b", signal.SIGKILL)
-        # Round 1 ends with a's update alone once the SuperLink gives b up (missed heartbeats);
-        # only then is b's key free to connect again.
-        wait_until(lambda: (out / "metrics.json").exists(), 240, "round 1 to end")
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                federation.start_node("b", NODE.format(1))
-                break
-            except FederationError:  # still counted online: refused, try again
-                assert time.monotonic() < deadline, federation.log("b")
-                time.sleep(3)
+        os.kill(federation.supernode_pid("b"), signal.SIGKILL)
+        # Round 1 ends with a's update alone once the SuperLink gives b up (missed heartbeats).
+        # b's kit starts its SuperNode again; refused until then, it keeps trying.
         assert run.wait(timeout=600) == 0
     finally:
         if run.poll() is None:
@@ -141,10 +156,11 @@ def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation,
     assert history[0]["status"] == "ok"  # min_fit_clients=1 reply was enough
     assert any(r["clients_succeeded"] == 2 for r in history[1:]), history  # b is back
     assert "a client failed to train" in federation.log("run")
+    assert "flower-supernode stopped" in federation.log("b") and federation.log("b").count("SuperNode ID:") >= 2
 
 
 def test_superlink_killed_between_rounds_resumes_from_the_last_checkpoint(federation, tmp_path):
-    start_nodes(federation, a=NODE.format(0), b=NODE.format(1))
+    start_partners(federation, a=(0, 20), b=(1, 20))
     out = tmp_path / "out"
     overrides = RUN.format(rounds=3, nodes=2) + f" min_fit_clients=2 output_dir={out}"
     run = federation.submit(overrides)
