@@ -19,11 +19,18 @@ FL_APP_DIR = os.path.dirname(os.path.abspath(__file__))
 DEVELOPER_NOTICES = ("DeprecationWarning", "FutureWarning", "DEPRECATED FEATURE")
 
 
+class ReportedError(RuntimeError):
+    """An error whose reason fl_app has logged: the console shows no traceback of it."""
+
+
 class ConsoleFilter(logging.Filter):
     """Pass fl_app's INFO lines (but those logged with `extra=FILE_ONLY`) and the warnings
-    and errors of anyone, except deprecation notices meant for developers."""
+    and errors of anyone, except deprecation notices meant for developers and tracebacks of
+    a `ReportedError`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ReportedError):
+            return False
         if record.levelno >= logging.WARNING:
             message = record.getMessage()
             return not any(notice in message for notice in DEVELOPER_NOTICES)

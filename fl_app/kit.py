@@ -1,4 +1,4 @@
-"""Start kits for a deployment: `python -m fl_app.kit`.
+r"""Start kits for a deployment: `python -m fl_app.kit`.
 
     python -m fl_app.kit coordinator coordinator/ --host link.example.org --port 9000
     python -m fl_app.kit partner hospital_a --superlink link.example.org:9000 \
@@ -211,7 +211,8 @@ file names: those stay in your log.
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fl_app.kit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fl_app.kit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="role", required=True)
     coordinator = commands.add_parser("coordinator", help="the SuperLink's kit: certificates, start "
                                       "script, systemd unit, flwr connection")

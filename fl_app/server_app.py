@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from fl_app import model as keras_model
 from fl_app.config import from_run_config, given_keys
 from fl_app.config_schema import CENTRAL_DP, AppConfig, ConfigError, own_settings
-from fl_app.console import FILE_ONLY, quiet_flower_stream
+from fl_app.console import FILE_ONLY, ReportedError, quiet_flower_stream
 from fl_app.outputs import CLIENTS_COLUMNS, PER_CLASS_COLUMNS, Checkpoint, RunOutputs
 from fl_app.partition import label_counts
 from fl_app.privacy import PrivacyBudget, fit_workflow, with_central_dp
@@ -101,7 +101,7 @@ class RoundRecorder:
         self.outputs.write_round_rows(self.outputs.per_class_csv, PER_CLASS_COLUMNS, server_round, rows)
 
 
-class RunFailed(RuntimeError):
+class RunFailed(ReportedError):
     """The run trained nothing: every round it ran failed. Raised at its end, so that
     `flwr list` shows it failed and run_simulation.py exits non-zero."""
 

@@ -63,13 +63,20 @@ def update_problem(arrays: NDArrays, expected: list[tuple[tuple[int, ...], np.dt
 
 
 def failure_reason(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
-    """What a failed client reported: its error reply (e.g. the ClientApp's exception, which
-    Flower sends as "<class 'module.Name'>:<'message'>"; shown as "Name: message")."""
+    """What a failed client reported: its error reply, e.g. the ClientApp's exception, which
+    Flower sends as "<class 'module.Name'>:<'message'>" (in simulation the message is a Ray
+    traceback), shown as "Name: message" of the exception the ClientApp raised."""
     if isinstance(failure, BaseException):
         error = failure.args[0] if failure.args else failure  # Flower wraps the reply's Error
         reason = str(getattr(error, "reason", None) or error)
-        raised = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, re.DOTALL)
-        return f"{raised[1]}: {raised[2]}" if raised else reason
+        raised = re.fullmatch(r"<class '(?:[\w.]+\.)?([^'.]+)'>:<'(.*)'>", reason, re.DOTALL)
+        if not raised:
+            return reason
+        # The exceptions in a traceback, but Flower's wrapper of the ClientApp's
+        raised_in_it = [(name, message) for name, message in re.findall(
+            r"^(?:[\w.]+\.)?(\w+): (.+)$", raised[2], re.MULTILINE) if name != "ClientAppException"]
+        name, message = raised_in_it[-1] if "\n" in raised[2] and raised_in_it else raised.groups()
+        return f"{name}: {message}"
     proxy, res = failure
     return f"client {proxy.cid}: {res.status.message}"
 

@@ -96,6 +96,8 @@ def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alon
     assert reason.startswith("Run ") and "ended finished:failed: ServerApp failed with exception: Run failed: " \
         "none of its 1 round(s) aggregated an update" in reason, reason
     assert "2 valid update(s), min_fit_clients=3; PartyFailure: lab_c: unknown class folder(s)" in reason
+    stream = federation.log("run")  # the reason on the stream too, without a traceback
+    assert "Run failed: none of its 1 round(s)" in stream and "Traceback" not in stream
 
 
 def test_partners_aggregate_securely_with_client_side_dp(federation, tmp_path):

@@ -17,11 +17,13 @@ def sourced(env_file, *names):
 
 
 def test_the_coordinators_kit_keeps_its_certificates_and_names_its_superlink(tmp_path):
-    kit = write_coordinator_kit(tmp_path / "coordinator", ("link.example.org",), 9100, data_dir="/srv/data")
+    kit = tmp_path / "coordinator"
+    command = ["coordinator", str(kit), "--host", "link.example.org", "--port", "9100", "--data-dir", "/srv/data"]
+    main(command)
     ca = (kit / "certs" / "ca.crt").read_bytes()
-    write_coordinator_kit(kit, ("link.example.org",), 9100)  # again: the partners' CA stays valid
+    main(command)  # again: the partners' CA stays valid
     assert (kit / "certs" / "ca.crt").read_bytes() == ca
-    assert sourced(kit / "superlink.env", "BIND", "PORT") == ["0.0.0.0", "9100"]
+    assert sourced(kit / "superlink.env", "BIND", "PORT", "FL_APP_DATA_DIR") == ["0.0.0.0", "9100", "/srv/data"]
     assert 'address = "link.example.org:9100"' in (kit / "flwr" / "config.toml").read_text()
     subprocess.run(["sh", "-n", str(kit / "start-superlink.sh")], check=True)  # its syntax
     assert f"ExecStart=/bin/sh {kit}/start-superlink.sh" in (kit / "fl-app-superlink.service").read_text()
@@ -51,12 +53,13 @@ def test_a_partners_kit_makes_its_key_on_its_machine_once_and_carries_its_settin
 
 
 def test_a_partition_partners_kit_sets_its_data_folder(tmp_path):
-    coordinator = write_coordinator_kit(tmp_path / "coordinator", ())
-    kit = write_partner_kit(tmp_path / "lab_b", "lab_b", "127.0.0.1:9000", coordinator / "certs" / "ca.crt",
-                            partition=(1, 3), data_dir="/srv/datasets")
-    node_config, data_dir = sourced(kit / "node.env", "NODE_CONFIG", "FL_APP_DATA_DIR")
+    ca = write_coordinator_kit(tmp_path / "coordinator", ()) / "certs" / "ca.crt"
+    main(["partner", "lab_b", "--superlink", "127.0.0.1:9000", "--ca", str(ca), "--partition", "1", "3",
+          "--data-dir", "/srv/datasets", "--out", str(tmp_path / "lab_b")])
+    node_config, data_dir = sourced(tmp_path / "lab_b" / "node.env", "NODE_CONFIG", "FL_APP_DATA_DIR")
     assert parse_config_args([node_config]) == {"name": "lab_b", "partition-id": 1, "num-partitions": 3}
     assert data_dir == "/srv/datasets"
+    subprocess.run(["sh", "-n", str(tmp_path / "lab_b" / "start.sh")], check=True)
 
 
 def test_a_partner_kit_needs_its_data_named_once(tmp_path, capsys):

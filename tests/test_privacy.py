@@ -290,7 +290,9 @@ def test_central_dp_with_failing_clients_noises_and_accounts_for_what_happened(t
     out = tmp_path / "run"
     run = ["num_clients=4", "min_fit_clients=2", "fraction_evaluate=0", "dataset.val_fraction=0.8",
            "privacy=central_dp", "privacy.noise_multiplier=0.1", "privacy.clipping_norm=1.0", f"output_dir={out}"]
-    run_with_client_fault(tmp_path, [0, 1], "train", *run, "num_rounds=1")
+    failing = run_with_client_fault(tmp_path, [0, 1], "train", *run, "num_rounds=1")
+    # In simulation the server is told each failure whole (one person runs every party).
+    assert "a client failed to train: PartyFailure: 0: partition 0 failed at train" in failing.stdout + failing.stderr
     start = keras_model.initial_weights("seed_cnn", (28, 28, 1), 10, seed=42)
     after = keras.models.load_model(out / "model.keras").get_weights()
     change = np.concatenate([(b - a).ravel() for a, b in zip(start, after)])

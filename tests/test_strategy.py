@@ -23,6 +23,7 @@ from fl_app.config_schema import STRATEGIES, own_settings
 from fl_app.strategy import (
     ValidatedStrategy,
     build_strategy,
+    failure_reason,
     update_problem,
     weighted_average,
 )
@@ -120,15 +121,28 @@ def test_secagg_sum_shared_by_all_results_is_cast_to_the_model_dtypes_and_checke
 
 def test_failed_and_silent_clients_are_counted_and_logged_with_their_reason(caplog):
     strategy, proxies = start_round(4, min_fit_clients=1)
-    crashed = Exception(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "DatasetError: no images in /data"))
+    # The reason as Flower 1.42 writes a ClientApp's exception.
+    crashed = Exception(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                              "<class 'fl_app.client_app.PartyFailure'>:<'lab_c: no images in class folders'>"))
     refused = (proxies[1], FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "no fit here"), Parameters([], ""), 0, {}))
     # proxies[2] never replies (its round_timeout expired): neither a result nor a failure.
     parameters, _ = strategy.aggregate_fit(1, [fit_result(proxies[3], arrays(1.0), 10)], [crashed, refused])
     assert parameters is not None
     assert strategy.rounds[1]["clients_succeeded"] == 1 and strategy.rounds[1]["clients_failed"] == 3
-    assert "failed to train: DatasetError: no images in /data" in caplog.text
+    assert "failed to train: PartyFailure: lab_c: no images in class folders" in caplog.text
     assert f"client {proxies[1].cid}: no fit here" in caplog.text
     assert "1 client(s) did not reply within round_timeout" in caplog.text
+    assert strategy.why_failed == {}  # one valid update was enough
+
+
+def test_a_failed_round_says_why():
+    strategy, proxies = start_round(3, min_fit_clients=2)
+    crashed = Exception(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "out of memory"))
+    parameters, _ = strategy.aggregate_fit(1, [fit_result(proxies[0], arrays(1.0), 10),
+                                               fit_result(proxies[1], arrays(np.nan), 10)], [crashed])
+    assert parameters is None
+    assert strategy.why_failed[1] == (f"1 valid update(s), min_fit_clients=2; out of memory; "
+                                      f"{proxies[1].cid}'s update rejected: array 0 holds NaN or Inf")
 
 
 def test_weighted_average_skips_identity_metrics():
@@ -282,3 +296,16 @@ def test_heads_on_the_same_frozen_backbone_are_averaged_and_one_on_another_is_re
     parameters, _ = strategy.aggregate_fit(1, results, [])
     assert all(np.allclose(a, (1.0 * 10 + 4.0 * 30) / 40) for a in parameters_to_ndarrays(parameters))
     assert "rejected update of client site_c: its frozen backbone differs from the server's" in caplog.text
+
+
+def test_a_simulated_clients_failure_is_shown_as_the_exception_its_clientapp_raised():
+    # Flower's simulation sends the Ray traceback of the ClientApp's exception (shortened here).
+    reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+              "  File \"client_app.py\", line 1, in mod\n"
+              "RuntimeError: disk full\n\nDuring handling of the above exception, another exception occurred:\n"
+              "fl_app.client_app.PartyFailure: 1: disk full\n\n"
+              "The above exception was the direct cause of the following exception:\n"
+              "flwr.clientapp.client_app.ClientAppException: \n"
+              "Exception ClientAppException occurred. Message: 1: disk full'>")
+    assert failure_reason(Exception(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason))) == (
+        "PartyFailure: 1: disk full")
