@@ -388,8 +388,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) 
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """(classes, classes) int64: images per (true class, predicted class)."""
-    flat = np.asarray(labels, np.int64) * num_classes + predicted
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return tf.math.confusion_matrix(labels, predicted, num_classes, dtype=tf.int64).numpy()
 
 
 class ClassScores(NamedTuple):

@@ -142,7 +142,10 @@ def test_unregistered_or_plaintext_nodes_are_refused(federation):
 def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation, tmp_path):
     start_partners(federation, a=(0, 20), b=(1, 20))
     out = tmp_path / "out"
-    run = federation.submit(RUN.format(rounds=4, nodes=2) + f" min_fit_clients=1 local_epochs=3 output_dir={out}")
+    # round_timeout: b's kit may bring it back before the SuperLink has given its reply up,
+    # which Flower 1.42 then waits for with no end (docs/deployment.md).
+    run = federation.submit(RUN.format(rounds=4, nodes=2) + " min_fit_clients=1 local_epochs=3 round_timeout=120 "
+                            f"output_dir={out}")
     try:
         wait_until(lambda: "Start `flwr-clientapp` process" in federation.log("b"), 240, "b to train")
         os.kill(federation.supernode_pid("b"), signal.SIGKILL)
