@@ -24,6 +24,9 @@ from fl_app.certificates import make_ca, make_server_certificate
 
 CONNECTION = "fl_app"  # the coordinator's `flwr` connection to its SuperLink
 DEFAULT_PORT = 9000
+# Where the systemd units expect things (their READMEs say to edit them otherwise).
+SERVICE_ROOT = "/opt/fl_app"  # a partner's kit goes to SERVICE_ROOT/<name>
+SERVICE_BIN = f"{SERVICE_ROOT}/venv/bin"  # python3, flower-superlink, flower-supernode
 
 
 def _write(path: Path, text: str, executable: bool = False) -> Path:
@@ -86,7 +89,7 @@ done
 """
 
 
-def _unit(description: str, directory: str, script: str, bin_dir: str) -> str:
+def _unit(description: str, directory: str, script: str) -> str:
     return f"""[Unit]
 Description={description}
 After=network-online.target
@@ -95,7 +98,7 @@ Wants=network-online.target
 [Service]
 WorkingDirectory={directory}
 ExecStart=/bin/sh {directory}/{script}
-Environment=PATH={bin_dir}:/usr/local/bin:/usr/bin:/bin
+Environment=PATH={SERVICE_BIN}:/usr/local/bin:/usr/bin:/bin
 Restart=on-failure
 RestartSec=60
 
@@ -105,8 +108,7 @@ WantedBy=multi-user.target
 
 
 def write_coordinator_kit(directory: Path, hosts: tuple[str, ...], port: int = DEFAULT_PORT,
-                          bind: str = "0.0.0.0", data_dir: str = "", bin_dir: str = "/opt/fl_app/venv/bin"
-                          ) -> Path:
+                          bind: str = "0.0.0.0", data_dir: str = "") -> Path:
     """The coordinator's kit in `directory`; its certificates are made only if absent."""
     directory = Path(directory).resolve()
     certs = directory / "certs"
@@ -120,7 +122,7 @@ def write_coordinator_kit(directory: Path, hosts: tuple[str, ...], port: int = D
         {"BIND": bind, "PORT": str(port), "FL_APP_DATA_DIR": data_dir}))
     _write(directory / "start-superlink.sh", SUPERLINK_SCRIPT, executable=True)
     _write(directory / "fl-app-superlink.service",
-           _unit("fl_app SuperLink (Flower)", str(directory), "start-superlink.sh", bin_dir))
+           _unit("fl_app SuperLink (Flower)", str(directory), "start-superlink.sh"))
     address = f"{(hosts or ('127.0.0.1',))[0]}:{port}"
     _write(directory / "flwr" / "config.toml",
            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -138,8 +140,7 @@ def node_config(name: str, image_dir: str | None, partition: tuple[int, int] | N
 
 def write_partner_kit(directory: Path, name: str, superlink: str, ca: Path, *, image_dir: str | None = None,
                       partition: tuple[int, int] | None = None, data_dir: str = "", overrides: str = "",
-                      local_port: int = 9094, python: str = "python3", restart_delay: int = 10,
-                      install_dir: str = "", bin_dir: str = "/opt/fl_app/venv/bin") -> Path:
+                      local_port: int = 9094, python: str = "python3", restart_delay: int = 10) -> Path:
     """Partner `name`'s kit in `directory`: its data is its own images (`image_dir`) or
     partition (id, count) of a known dataset under `data_dir` (FL_APP_DATA_DIR)."""
     if (image_dir is None) == (partition is None):
@@ -154,9 +155,9 @@ def write_partner_kit(directory: Path, name: str, superlink: str, ca: Path, *, i
          "FL_APP_DATA_DIR": data_dir, "RUN_OVERRIDES": overrides, "LOCAL_PORT": str(local_port),
          "PYTHON": python, "RESTART_DELAY": str(restart_delay)}))
     _write(directory / "start.sh", SUPERNODE_SCRIPT, executable=True)
-    install_dir = install_dir or f"/opt/fl_app/{name}"
+    install_dir = f"{SERVICE_ROOT}/{name}"
     _write(directory / f"fl-app-supernode-{name}.service",
-           _unit(f"fl_app SuperNode of {name} (Flower)", install_dir, "start.sh", bin_dir))
+           _unit(f"fl_app SuperNode of {name} (Flower)", install_dir, "start.sh"))
     _write(directory / "README.md", PARTNER_README.format(name=name, superlink=superlink,
                                                          install_dir=install_dir))
     return directory

@@ -170,7 +170,7 @@ class LocalFederation:
     def submit(self, overrides: str, app_dir: Path = APP_DIR) -> subprocess.Popen:
         """Start `flwr run APP CONNECTION --stream` with Hydra `overrides`; logs/run.log."""
         return self.start_process("run", ["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                                   "--run-config", f'overrides="{overrides}"'])
+                                          "--run-config", f'overrides="{overrides}"'])
 
     def run(self, overrides: str, app_dir: Path = APP_DIR, timeout: float = 600,
             echo: Callable[[str], None] | None = None) -> str:
