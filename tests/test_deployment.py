@@ -160,7 +160,10 @@ def test_node_killed_mid_round_is_given_up_and_rejoins_after_restart(federation,
     assert (history[0]["clients_succeeded"], history[0]["clients_failed"]) == (1, 1)
     assert history[0]["status"] == "ok"  # min_fit_clients=1 reply was enough
     assert any(r["clients_succeeded"] == 2 for r in history[1:]), history  # b is back
-    assert "a client failed to train" in federation.log("run")
+    # b's failure is logged: its error reply, or its silence until round_timeout when it was
+    # back before the SuperLink gave its reply up.
+    assert any(said in federation.log("run") for said in ("a client failed to train",
+                                                           "1 client(s) did not reply within round_timeout"))
     assert "flower-supernode stopped" in federation.log("b") and federation.log("b").count("SuperNode ID:") >= 2
 
 
