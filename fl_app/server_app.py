@@ -158,8 +158,8 @@ def run_header(cfg: AppConfig, task: Task, num_params: int, exchanged: NDArrays,
             f"privacy: {' + '.join(privacy) or 'none'}{measured}\nOutputs: {output_dir}")
 
 
-def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
-    """The checkpoint to continue from, or round 0 with the seed's initial weights."""
+def _checkpoint_to_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint | None:
+    """The checkpoint to continue from, or None to start at round 1."""
     checkpoint = outputs.load_checkpoint()
     if checkpoint is not None and not cfg.resume:
         raise ConfigError(
@@ -172,10 +172,7 @@ def _start_or_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint:
         return checkpoint
     if cfg.resume:
         log(INFO, "No checkpoint in %s: starting at round 1", outputs.dir)
-    task = task_of(cfg.dataset)
-    weights = keras_model.initial_weights(cfg.model.name, task.image_shape, len(task.classes), cfg.seed,
-                                          weights=cfg.model.weights, frozen=frozen(cfg), init_from=cfg.init_from)
-    return Checkpoint(0, weights, [], {})
+    return None
 
 
 def frozen(cfg: AppConfig) -> bool:
@@ -195,11 +192,11 @@ def record_partitions(cfg: AppConfig, outputs: RunOutputs) -> None:
     outputs.plot_partitions(counts, title, task.classes, names)
 
 
-def open_outputs(cfg: AppConfig) -> tuple[RunOutputs, Checkpoint]:
-    """The run's output directory and the checkpoint to continue from."""
+def open_outputs(cfg: AppConfig) -> tuple[RunOutputs, Checkpoint | None]:
+    """The run's output directory and the checkpoint to continue from (None: a fresh start)."""
     output_dir = cfg.output_dir or Path("outputs/flwr") / time.strftime("%Y-%m-%d_%H-%M-%S")
     outputs = RunOutputs(Path(output_dir).resolve())
-    return outputs, _start_or_resume(cfg, outputs)
+    return outputs, _checkpoint_to_resume(cfg, outputs)
 
 
 def record_run(cfg: AppConfig, outputs: RunOutputs) -> None:
@@ -299,6 +296,8 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig, log_file: bool = Fa
     test = central_test_set(task)
     record_run(cfg, outputs)
     model = global_model(cfg, task, outputs)
+    if checkpoint is None:  # a fresh start: round 0 holds the seed's initial weights
+        checkpoint = Checkpoint(0, keras_model.exchanged_weights(model, frozen(cfg)), [], {})
 
     def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]):
         keras_model.set_exchanged_weights(model, weights, frozen(cfg))
