@@ -182,21 +182,23 @@ class LocalFederation:
         from the SuperLink).
         """
         process = self.submit(overrides, app_dir)
-        deadline, echoed = time.monotonic() + timeout, 0
-        while True:
-            returncode = process.poll()
-            if echo:  # the lines written so far; once the run has ended, all of them
-                output = self.log("run")
-                end = len(output) if returncode is not None else output.rfind("\n") + 1
-                for line in output[echoed:end].splitlines():
-                    echo(line)
-                echoed = max(echoed, end)
-            if returncode is not None:
-                break
-            if time.monotonic() > deadline:
-                self.stop("run", signal.SIGKILL)
-                raise FederationError(f"run still going after {timeout} s:\n{self.log('run')[-3000:]}")
-            time.sleep(0.5)
+        deadline = time.monotonic() + timeout
+        with open(self.logs / "run.log", errors="replace") as log_file:
+            pending = ""  # read from the log, not yet a whole line
+            while True:
+                returncode = process.poll()
+                if echo:  # the whole lines written so far; once the run has ended, all of them
+                    *lines, pending = (pending + log_file.read()).split("\n")
+                    if returncode is not None and pending:
+                        lines, pending = [*lines, pending], ""
+                    for line in lines:
+                        echo(line)
+                if returncode is not None:
+                    break
+                if time.monotonic() > deadline:
+                    self.stop("run", signal.SIGKILL)
+                    raise FederationError(f"run still going after {timeout} s:\n{self.log('run')[-3000:]}")
+                time.sleep(0.5)
         output = self.log("run")
         started = re.search(r"Successfully started run (\d+)", output)
         if returncode or not started:

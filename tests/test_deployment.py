@@ -66,8 +66,10 @@ def test_partners_of_an_own_task_train_over_tls_and_one_with_bad_data_fails_alon
     assert check.returncode == 1 and "unknown class folder(s) cat" in check.stderr.splitlines()[-1]
 
     out = tmp_path / "out"
+    echoed = []
     log = federation.run(f"{task} num_rounds=1 local_epochs=2 min_fit_clients=2 min_evaluate_clients=2 "
-                         f"output_dir={out}")
+                         f"output_dir={out}", echo=echoed.append)
+    assert echoed == log.splitlines()  # as local_federation's console shows the run, line by line
     (record,) = read_history(out)
     assert (record["clients_sampled"], record["clients_succeeded"], record["clients_failed"]) == (3, 2, 1)
     assert "test_accuracy" not in record and record["eval_accuracy"] > 0.6, record
