@@ -92,6 +92,7 @@ class RunOutputs:
         self.per_class_csv = self.dir / "per_class.csv"
         self.clients_csv = self.dir / "clients.csv"
         self._tensorboard = None  # created at the first round: a refused run writes nothing
+        self._tables_started: set[Path] = set()  # the per-round tables this process has trimmed
 
     def write_config(self, yaml_text: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -109,18 +110,24 @@ class RunOutputs:
 
     def write_round_rows(self, path: Path, columns: tuple[str, ...], server_round: int,
                          rows: list[dict]) -> None:
-        """Add one round's rows to a per-round table (per_class.csv, clients.csv), first
-        dropping rows of this round or later: a run that stopped between writing them and
-        its checkpoint repeats the round when resumed."""
-        kept = []
-        if path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["round"]) < server_round]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows([*kept, *({"round": server_round} | row for row in rows)])
-        _write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+        """Append one round's rows to a per-round table (per_class.csv, clients.csv). The
+        first write of this run's process first drops the rows of this round or later, and
+        any row cut short: a run that stopped before its checkpoint repeats the round when
+        resumed."""
+        if path not in self._tables_started:
+            kept = []
+            if path.exists():
+                with open(path, newline="") as f:
+                    kept = [row for row in csv.DictReader(f)
+                            if None not in row.values() and int(row["round"]) < server_round]
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(kept)
+            _write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+            self._tables_started.add(path)
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=columns).writerows({"round": server_round} | row for row in rows)
 
     def write_scalars(self, record: dict) -> None:
         """TensorBoard: each numeric value of a round's record (named as in metrics.csv) at

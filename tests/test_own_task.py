@@ -167,14 +167,18 @@ def test_the_server_sums_the_clients_confusion_counts_and_lists_each_party():
 
 
 def test_a_resumed_round_replaces_its_rows_in_the_per_round_tables(tmp_path):
-    outputs = RunOutputs(tmp_path)
     columns = ("round", "client", "eval_accuracy")
+    crashed = RunOutputs(tmp_path)
     for server_round in (1, 2, 3):
-        outputs.write_round_rows(outputs.clients_csv, columns, server_round, [{"client": "a", "eval_accuracy": 0.5}])
-    # The run stopped after writing round 3 but before its checkpoint: round 3 again.
-    outputs.write_round_rows(outputs.clients_csv, columns, 3, [{"client": "a", "eval_accuracy": 0.9}])
-    lines = outputs.clients_csv.read_text().splitlines()
-    assert lines == ["round,client,eval_accuracy", "1,a,0.5", "2,a,0.5", "3,a,0.9"]
+        crashed.write_round_rows(crashed.clients_csv, columns, server_round, [{"client": "a", "eval_accuracy": 0.5}])
+    with open(crashed.clients_csv, "a") as f:
+        f.write("1")  # a row cut short by a crash, here within its round number
+    # The run stopped after writing round 3 but before its checkpoint: resumed, round 3 again.
+    resumed = RunOutputs(tmp_path)
+    for server_round in (3, 4):
+        resumed.write_round_rows(resumed.clients_csv, columns, server_round, [{"client": "a", "eval_accuracy": 0.9}])
+    lines = resumed.clients_csv.read_text().splitlines()
+    assert lines == ["round,client,eval_accuracy", "1,a,0.5", "2,a,0.5", "3,a,0.9", "4,a,0.9"]
 
 
 def test_predict_names_the_tasks_own_classes_and_measures_its_test_dir(tmp_path, capsys, own_task):
