@@ -6,6 +6,7 @@ that is where Flower's SecAgg+ workflow plugs in.
 
 import dataclasses
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -158,15 +159,21 @@ def run_header(cfg: AppConfig, task: Task, num_params: int, exchanged: NDArrays,
             f"privacy: {' + '.join(privacy) or 'none'}{measured}\nOutputs: {output_dir}")
 
 
+def check_output_dir(cfg: AppConfig) -> None:
+    """Refuse an output_dir that holds a run unless resume=true: no run is overwritten."""
+    if cfg.output_dir and not cfg.resume and RunOutputs(cfg.output_dir).checkpoint.exists():
+        raise ConfigError("output_dir", f"{Path(cfg.output_dir).resolve()} already holds a run; set "
+                          "resume=true to continue it or choose another output_dir")
+
+
 def _checkpoint_to_resume(cfg: AppConfig, outputs: RunOutputs) -> Checkpoint | None:
     """The checkpoint to continue from, or None to start at round 1."""
-    checkpoint = outputs.load_checkpoint()
-    if checkpoint is not None and not cfg.resume:
-        raise ConfigError(
-            "output_dir",
-            f"{outputs.dir} already holds a run; set resume=true to continue it "
-            "or choose another output_dir",
-        )
+    check_output_dir(cfg)
+    try:
+        checkpoint = outputs.load_checkpoint()
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ConfigError("resume", f"{outputs.checkpoint} cannot be read ({type(err).__name__}: {err}); "
+                          "move it away to start this output_dir again, or choose another") from None
     if checkpoint is not None:
         log(INFO, "Resuming %s after round %s", outputs.dir, checkpoint.round)
         return checkpoint

@@ -10,7 +10,7 @@ from flwr.simulation import run_simulation
 from fl_app.client_app import build_client_app
 from fl_app.config_schema import AppConfig, ConfigError
 from fl_app.library_patches import seed_node_ids, wake_on_stored_messages
-from fl_app.server_app import build_server_app
+from fl_app.server_app import build_server_app, check_output_dir
 from fl_app.task import check_images, task_of
 
 # Set when Flower's simulation engine has ended, e.g. crashed because no Ray node can host a
@@ -29,6 +29,7 @@ def simulate(cfg: AppConfig, client_mods: tuple[Mod, ...] = ()) -> None:
     Clients are Ray actors: a fractional `mode.num_gpus_per_client` (e.g. 0.25) lets several
     share one GPU, each TensorFlow growing its memory as needed (see fl_app/__init__.py).
     """
+    check_output_dir(cfg)  # before anything starts or is checked
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.mode.num_cpus_per_client,

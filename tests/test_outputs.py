@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import read_scalars
+from conftest import free_port, read_scalars
 
 from fl_app.outputs import RunOutputs
 
@@ -36,3 +36,28 @@ def test_a_run_directory_is_never_overwritten_without_resume(tmp_path):
     assert err.value.key == "output_dir"
     _, checkpoint = open_outputs(compose_config([f"output_dir={tmp_path}", "resume=true"]))
     assert checkpoint.round == 2 and len(checkpoint.history) == 2
+
+
+def test_a_simulation_refuses_a_taken_output_dir_before_anything_starts(tmp_path):
+    from fl_app.config import compose_config
+    from fl_app.config_schema import ConfigError
+    from fl_app.simulation import simulate
+
+    (tmp_path / "checkpoint.npz").write_bytes(b"a run was here")
+    # Not even the Ray address is tried first.
+    with pytest.raises(ConfigError, match="'output_dir': .* already holds a run"):
+        simulate(compose_config([f"output_dir={tmp_path}", f"mode.ray_address=127.0.0.1:{free_port()}"]))
+
+
+@pytest.mark.parametrize("cut", [7, 2000], ids=["not a checkpoint", "cut short"])
+def test_an_unreadable_checkpoint_is_named_when_resuming(tmp_path, cut):
+    from fl_app.config import compose_config
+    from fl_app.config_schema import ConfigError
+    from fl_app.outputs import Checkpoint
+    from fl_app.server_app import open_outputs
+
+    outputs = RunOutputs(tmp_path)
+    outputs.save_checkpoint(Checkpoint(1, [np.zeros(1000)], [{"round": 1}], {}))
+    outputs.checkpoint.write_bytes(outputs.checkpoint.read_bytes()[:cut])
+    with pytest.raises(ConfigError, match=f"'resume': {outputs.checkpoint} cannot be read"):
+        open_outputs(compose_config([f"output_dir={tmp_path}", "resume=true"]))
