@@ -14,14 +14,18 @@ import sys
 import zipfile
 from pathlib import Path
 
-import keras
-import numpy as np
-from omegaconf import OmegaConf
+from fl_app.console import import_tensorflow_into_the_log
 
-from fl_app.config_schema import BUILT_IN_DATASETS, IMAGE_FOLDER_SETTINGS, ConfigError, DatasetConfig
-from fl_app.data import DatasetError, scale_images
-from fl_app.image_folder import IMAGE_SUFFIXES, read_image
-from fl_app.task import Task, central_test_set, task_of, training_set
+import_tensorflow_into_the_log()  # before Keras: TensorFlow's start-up lines would bury the results
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from fl_app.config_schema import BUILT_IN_DATASETS, IMAGE_FOLDER_SETTINGS, ConfigError, DatasetConfig  # noqa: E402
+from fl_app.data import DatasetError, scale_images  # noqa: E402
+from fl_app.image_folder import IMAGE_SUFFIXES, read_image  # noqa: E402
+from fl_app.task import Task, central_test_set, task_of, training_set  # noqa: E402
 
 BATCH_SIZE = 1000
 TOP_K = 3
@@ -30,7 +34,7 @@ EXAMPLES = """examples:
   python -m fl_app.predict outputs/2025-06-01/10-00-00/model.keras scan.png my_images/
   python -m fl_app.predict model.keras --dataset fashion_mnist shoe.jpg -o shoe.csv
   python -m fl_app.predict model.keras --dataset mnist --split test
-  python -m fl_app.predict outputs/skin/model.keras --split test   # the run's test_dir
+  python -m fl_app.predict outputs/skin --split test   # a run's model, on its test_dir
 
 A bad image among many is reported and skipped; the rest are classified. Exit status:
 0 if every image was classified, 1 if one was skipped or nothing could be done,
@@ -39,6 +43,15 @@ A bad image among many is reported and skipped; the rest are classified. Exit st
 
 class PredictError(Exception):
     """A problem with the user's input: printed without a traceback."""
+
+
+def model_file(path: Path) -> Path:
+    """`path`, or the model.keras in a run's output directory `path`."""
+    if not path.is_dir():
+        return path
+    if not (path / "model.keras").is_file():
+        raise PredictError(f"{path}: no model.keras in this directory (a run writes it when it ends)")
+    return path / "model.keras"
 
 
 def load_model(path: Path) -> keras.Model:
@@ -170,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", type=Path, help="the Keras model file, e.g. a run's model.keras")
+    parser.add_argument("model", type=Path, help="the Keras model file, or a run's output directory "
+                        "(its model.keras)")
     parser.add_argument(
         "images", type=Path, nargs="*",
         help=f"image files ({', '.join(IMAGE_SUFFIXES)}; any size, colour or grey) or "
@@ -198,12 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.images) == bool(args.split):
         parser.error("give either IMAGES to classify or --split to evaluate on, not both or neither")
     try:
-        model = load_model(args.model)
+        path = model_file(args.model)
+        model = load_model(path)
         if args.dataset:
             task = task_of(DatasetConfig(args.dataset, args.data_dir, val_fraction=0.0))
         else:
-            task = task_of_run(args.model, args.data_dir)
-        check_model_fits(model, args.model, task)
+            task = task_of_run(path, args.data_dir)
+        check_model_fits(model, path, task)
         if args.split:
             evaluate_split(model, task, args.split)
         elif classify(model, task, args.images, args.output):

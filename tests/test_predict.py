@@ -121,10 +121,13 @@ def test_help_and_the_command_line_with_the_dataset_of_the_run(tmp_path, capsys,
     run.mkdir()
     shutil.copy(trained[0], run / "model.keras")
     (run / "config.yaml").write_text("dataset:\n  name: fashion_mnist\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "fl_app.predict", run / "model.keras", _digit(tmp_path, digits)],
+    result = subprocess.run(  # the run's directory stands for its model.keras
+        [sys.executable, "-m", "fl_app.predict", run, _digit(tmp_path, digits)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = csv.DictReader((tmp_path / "predictions.csv").open())
     assert row["predicted"] in class_names("fashion_mnist") and "Traceback" not in result.stderr
+    assert "absl" not in result.stderr  # TensorFlow's start-up lines are kept out of the console
+    code, _, err = predict(capsys, tmp_path, "x.png")
+    assert code == 1 and err == f"predict: {tmp_path}: no model.keras in this directory (a run writes it when it ends)\n"
