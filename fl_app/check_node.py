@@ -20,9 +20,17 @@ from flwr.common.config import parse_config_args
 
 from fl_app.config import compose_config
 from fl_app.config_schema import ConfigError
-from fl_app.console import import_tensorflow_into_the_log
 from fl_app.data import DatasetError
 from fl_app.task import task_of
+
+
+def device_summary() -> str:
+    """What TensorFlow trains on here, which its start-up lines (not shown) would tell."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    devices = f"{len(gpus)} GPU(s): {', '.join(gpu.name for gpu in gpus)}" if gpus else "the CPU (it finds no GPU)"
+    return f"TensorFlow {tf.__version__} will train on {devices}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         "dataset.classes=[benign,malignant] dataset.image_size=[64,64]'",
     )
     args = parser.parse_args(argv)
-    import_tensorflow_into_the_log()  # its start-up lines would bury the verdict
+    # Imported here, after --help: it imports TensorFlow, keeping its start-up lines out of the console.
     from fl_app.client_app import load_node_data
 
     try:
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"check_node: {getattr(err, 'message', err)}", file=sys.stderr)
         sys.exit(1)
     task = task_of(cfg.dataset)
+    print(device_summary())
     counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(task.classes))
     print("per class: " + ", ".join(f"{name} {count}" for name, count in zip(task.classes, counts)))
     print(f"OK: {len(data.y_train)} training and {len(data.y_val)} held-out images of the "

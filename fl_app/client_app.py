@@ -10,6 +10,12 @@ from functools import lru_cache
 from logging import ERROR, INFO
 from typing import NamedTuple
 
+from fl_app.console import import_tensorflow_into_the_log
+
+# Before Keras: in deployment every message starts a ClientApp process, and TensorFlow's
+# start-up lines would fill the partner's SuperNode log around its per-round lines.
+import_tensorflow_into_the_log()
+
 import keras
 import numpy as np
 from flwr.client import ClientApp, NumPyClient

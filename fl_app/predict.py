@@ -18,14 +18,14 @@ from fl_app.console import import_tensorflow_into_the_log
 
 import_tensorflow_into_the_log()  # before Keras: TensorFlow's start-up lines would bury the results
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import keras
+import numpy as np
+from omegaconf import OmegaConf
 
-from fl_app.config_schema import BUILT_IN_DATASETS, IMAGE_FOLDER_SETTINGS, ConfigError, DatasetConfig  # noqa: E402
-from fl_app.data import DatasetError, scale_images  # noqa: E402
-from fl_app.image_folder import IMAGE_SUFFIXES, read_image  # noqa: E402
-from fl_app.task import Task, central_test_set, task_of, training_set  # noqa: E402
+from fl_app.config_schema import BUILT_IN_DATASETS, IMAGE_FOLDER_SETTINGS, ConfigError, DatasetConfig
+from fl_app.data import DatasetError, scale_images
+from fl_app.image_folder import IMAGE_SUFFIXES, read_image
+from fl_app.task import Task, central_test_set, task_of, training_set
 
 BATCH_SIZE = 1000
 TOP_K = 3

@@ -1,6 +1,7 @@
 """Start kits (fl_app/kit.py): what the coordinator writes for itself and for each partner.
 The deployment tests (tests/test_deployment.py) start their federations with these kits."""
 
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,23 @@ def test_a_partition_partners_kit_sets_its_data_folder(tmp_path):
     assert parse_config_args([node_config]) == {"name": "lab_b", "partition-id": 1, "num-partitions": 3}
     assert data_dir == "/srv/datasets"
     subprocess.run(["sh", "-n", str(tmp_path / "lab_b" / "start.sh")], check=True)
+
+
+def test_a_partners_check_says_what_trains_on_what_and_ends_with_its_verdict(tmp_path):
+    ca = write_coordinator_kit(tmp_path / "coordinator", ()) / "certs" / "ca.crt"
+    main(["partner", "lab_b", "--superlink", "127.0.0.1:9000", "--ca", str(ca), "--partition", "1", "3",
+          "--data-dir", os.environ["FL_APP_DATA_DIR"], "--overrides", "dataset.val_fraction=0.2",
+          "--out", str(tmp_path / "lab_b")])
+    check = subprocess.run(["sh", str(tmp_path / "lab_b" / "start.sh"), "check"], capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+    # The key first, then no TensorFlow start-up lines: what it trains on, and the verdict last.
+    key, device, per_class, verdict = check.stdout.splitlines()
+    assert key.startswith("Made keys/lab_b and keys/lab_b.pub")
+    assert check.stderr == "" and device.startswith("TensorFlow ") and " will train on " in device
+    assert per_class.startswith("per class: 0 ")
+    assert verdict == ("OK: 16000 training and 4000 held-out images of the mnist task's 10 classes, "
+                       "each converted to 28x28x1")
 
 
 def test_a_partner_kit_needs_its_data_named_once(tmp_path, capsys):
