@@ -13,6 +13,9 @@ TensorFlow error without its name; here every problem is found while loading, an
 error says which folder or file and what is wrong.
 """
 
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,20 +72,46 @@ def load_image_folder(
     """
     files = list_images(folder, class_names)
     images = np.empty((len(files), *image_shape), np.uint8)
-    for i, (path, _) in enumerate(files):
-        images[i] = read_image(path, image_shape)
+
+    def read(i: int) -> None:
+        images[i] = read_image(files[i][0], image_shape)
+
+    _on_threads(read, range(len(files)))
     return images, np.array([label for _, label in files], np.int64)
 
 
 def check_readable(files: list[Path]) -> None:
     """Decode every file (without converting it): raises `DatasetError` naming the first
     that is not an image, so a run can stop before its clients start."""
-    for path in files:
+
+    def decode(path: Path) -> None:
         try:
             with Image.open(path) as image:
                 image.load()
         except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
             raise DatasetError(f"{path}: cannot be read as an image: {err}", "an unreadable image") from err
+
+    _on_threads(decode, files)
+
+
+def _on_threads(function: Callable, items: Sequence) -> None:
+    """function(item) for each item, on a thread per CPU, each taking every n-th item: PIL
+    decodes without holding the GIL, and one task per thread (not per item) keeps the
+    pool's own cost off small images. Raises the error of the first failing item in order."""
+    threads = max(1, min(os.cpu_count() or 1, len(items)))
+    errors: dict[int, Exception] = {}
+
+    def run(first: int) -> None:
+        for i in range(first, len(items), threads):
+            try:
+                function(items[i])
+            except Exception as err:  # kept, so that the first failing item is the one named
+                errors[i] = err
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+    if errors:
+        raise errors[min(errors)]
 
 
 def read_image(path: str | Path, image_shape: tuple[int, int, int]) -> np.ndarray:

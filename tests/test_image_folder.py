@@ -10,7 +10,7 @@ from conftest import mnist_task, write_image_folder
 from fl_app.client_app import load_node_data
 from fl_app.config import compose_config
 from fl_app.data import DatasetError, class_names, load_dataset
-from fl_app.image_folder import load_image_folder
+from fl_app.image_folder import check_readable, list_images, load_image_folder
 from fl_app.partition import load_own_images
 
 MNIST_CLASSES = class_names("mnist")
@@ -66,6 +66,16 @@ def test_bad_folders_say_what_and_where(tmp_path, digits, damage, fragment):
     with pytest.raises(DatasetError, match=re.escape(fragment)) as err:
         load_image_folder(root, MNIST_CLASSES, (28, 28, 1))
     assert str(root) in str(err.value)
+
+
+def test_of_several_unreadable_images_the_first_in_order_is_named(tmp_path, digits):
+    root = write_image_folder(tmp_path / "own", *digits)
+    for name in ("7/a.png", "1/zz.png", "1/b.png", "9/c.png"):  # read class by class, by name
+        (root / name).write_bytes(b"torn")
+    files = [path for path, _ in list_images(root, MNIST_CLASSES)]
+    for load in (lambda: load_image_folder(root, MNIST_CLASSES, (28, 28, 1)), lambda: check_readable(files)):
+        with pytest.raises(DatasetError, match=re.escape(f"{root / '1' / 'b.png'}: cannot be read")):
+            load()
 
 
 def test_empty_or_missing_folder(tmp_path):
