@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import MaxNLocator
 
 # Column order of metrics.csv; keys a round lacks stay empty.
 COLUMNS = (
@@ -91,6 +92,7 @@ class RunOutputs:
         self.predictions_png = self.dir / "predictions.png"
         self.per_class_csv = self.dir / "per_class.csv"
         self.clients_csv = self.dir / "clients.csv"
+        self.clients_png = self.dir / "clients.png"
         self._tensorboard = None  # created at the first round: a refused run writes nothing
         self._tables_started: set[Path] = set()  # the per-round tables this process has trimmed
 
@@ -154,12 +156,46 @@ class RunOutputs:
                     ax.plot(*zip(*points), marker="o", label=label)
         for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
             ax.legend()
         acc_ax.set_title("Accuracy per round")
         loss_ax.set_title("Loss per round")
         _save(fig, self.metrics_png)
+
+    def plot_clients(self, max_lines: int = 10) -> None:
+        """clients.png, from clients.csv: each party's held-out accuracy per round, a line
+        each for up to `max_lines` parties, else the spread (lowest, median, highest) of the
+        parties evaluated in each round. Nothing without clients.csv."""
+        if not self.clients_csv.exists():
+            return
+        with open(self.clients_csv, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row["eval_accuracy"]]
+        if not rows:
+            return
+        by_client: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            by_client.setdefault(row["client"], []).append((int(row["round"]), float(row["eval_accuracy"])))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        if len(by_client) <= max_lines:
+            for client, points in by_client.items():
+                ax.plot(*zip(*points), marker="o", label=client)
+            ax.legend(title="party", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
+            ax.set_title("Each party's held-out accuracy per round")
+        else:
+            rounds = sorted({int(row["round"]) for row in rows})
+            accuracy = [[float(r["eval_accuracy"]) for r in rows if int(r["round"]) == n] for n in rounds]
+            ax.fill_between(rounds, [min(a) for a in accuracy], [max(a) for a in accuracy], alpha=0.3,
+                            label="lowest to highest party")
+            ax.plot(rounds, [float(np.median(a)) for a in accuracy], marker="o", label="median party")
+            ax.legend()
+            ax.set_title(f"Held-out accuracy of the parties evaluated each round ({len(by_client)} parties)")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        _save(fig, self.clients_png)
 
     def plot_confusion_matrix(self, matrix: np.ndarray, class_names: tuple[str, ...], images: str) -> None:
         """confusion_matrix.png: `images` (what they are) per (true, predicted) class, counts

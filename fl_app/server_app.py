@@ -336,6 +336,7 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig, log_file: bool = Fa
     workflow(grid, LegacyContext(context, ServerConfig(num_rounds=num_rounds), strategy))
 
     outputs.plot_metrics(recorder.history)
+    outputs.plot_clients()
     save_final_model(model, recorder.weights, frozen(cfg), outputs, task, test, recorder, cfg.eval_batch_size)
     final = next((r for r in reversed(recorder.history) if accuracy_key in r), {})
     log(

@@ -61,3 +61,20 @@ def test_an_unreadable_checkpoint_is_named_when_resuming(tmp_path, cut):
     outputs.checkpoint.write_bytes(outputs.checkpoint.read_bytes()[:cut])
     with pytest.raises(ConfigError, match=f"'resume': {outputs.checkpoint} cannot be read"):
         open_outputs(compose_config([f"output_dir={tmp_path}", "resume=true"]))
+
+
+@pytest.mark.parametrize("parties", [3, 12], ids=["a line per party", "the spread of many"])
+def test_clients_png_shows_each_partys_held_out_accuracy(tmp_path, parties):
+    from PIL import Image
+
+    from fl_app.outputs import CLIENTS_COLUMNS
+
+    outputs = RunOutputs(tmp_path)
+    outputs.plot_clients()
+    assert not outputs.clients_png.exists()  # no clients.csv: no federated evaluation
+    for server_round in (1, 2, 3):
+        outputs.write_round_rows(outputs.clients_csv, CLIENTS_COLUMNS, server_round, [
+            {"client": f"site_{i}", "eval_accuracy": 0.5 + 0.1 * server_round - 0.01 * i} for i in range(parties)])
+    outputs.plot_clients()
+    with Image.open(outputs.clients_png) as picture:
+        assert picture.size == (800, 450)

@@ -230,6 +230,7 @@ def test_three_parties_without_a_test_set_train_and_report_per_class_and_per_par
     with open(run / "clients.csv") as f:
         parties = list(csv.DictReader(f))
     assert [row["client"] for row in parties if row["round"] == "1"] == sorted(OWN_PARTIES)
+    assert (run / "clients.png").exists()
     assert [row["train_examples"] for row in parties][:3] == ["400", "280", "158"]
     with open(run / "per_class.csv") as f:
         per_class = [row for row in csv.DictReader(f) if int(row["round"]) == len(history)]
