@@ -175,8 +175,11 @@ class RunOutputs:
         if not rows:
             return
         by_client: dict[str, list[tuple[int, float]]] = {}
+        by_round: dict[int, list[float]] = {}
         for row in rows:
-            by_client.setdefault(row["client"], []).append((int(row["round"]), float(row["eval_accuracy"])))
+            server_round, accuracy = int(row["round"]), float(row["eval_accuracy"])
+            by_client.setdefault(row["client"], []).append((server_round, accuracy))
+            by_round.setdefault(server_round, []).append(accuracy)
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if len(by_client) <= max_lines:
             for client, points in by_client.items():
@@ -184,11 +187,10 @@ class RunOutputs:
             ax.legend(title="party", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize="small")
             ax.set_title("Each party's held-out accuracy per round")
         else:
-            rounds = sorted({int(row["round"]) for row in rows})
-            accuracy = [[float(r["eval_accuracy"]) for r in rows if int(r["round"]) == n] for n in rounds]
-            ax.fill_between(rounds, [min(a) for a in accuracy], [max(a) for a in accuracy], alpha=0.3,
-                            label="lowest to highest party")
-            ax.plot(rounds, [float(np.median(a)) for a in accuracy], marker="o", label="median party")
+            rounds = sorted(by_round)
+            ax.fill_between(rounds, [min(by_round[n]) for n in rounds], [max(by_round[n]) for n in rounds],
+                            alpha=0.3, label="lowest to highest party")
+            ax.plot(rounds, [float(np.median(by_round[n])) for n in rounds], marker="o", label="median party")
             ax.legend()
             ax.set_title(f"Held-out accuracy of the parties evaluated each round ({len(by_client)} parties)")
         ax.set_xlabel("round")
